@@ -1,0 +1,115 @@
+"""Atomic file writes and resumable stages.
+
+A cycle is a sequence of stages that write files. Each stage writes into a temporary name and
+renames (rename is atomic on POSIX), then writes a ``.done.json`` marker holding the fingerprint of
+the config and inputs that made it. A rerun skips a stage whose marker exists with the same
+fingerprint, so a killed run resumes where it stopped and never reads a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Like atomic_path for a directory: build it under a temporary name, then swap it in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_table(path: str | Path, df: pd.DataFrame) -> None:
+    """Write a table atomically; the suffix picks the format (.csv or .parquet-free .pkl-free .csv.gz)."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, compression="gzip" if str(path).endswith(".gz") else None)
+
+
+def read_table(path: str | Path, **kwargs: Any) -> pd.DataFrame:
+    return pd.read_csv(path, keep_default_na=True, **kwargs)
+
+
+class Stage:
+    """One resumable step: ``Stage(dir, name, fingerprint).run(fn)`` calls ``fn(out_dir)`` once.
+
+    ``fn`` writes its outputs into the directory it is given (a temporary one, swapped in whole on
+    success) and may return a JSON-able record that is stored in the marker and returned on reruns.
+    """
+
+    def __init__(self, root: str | Path, name: str, fingerprint: str):
+        self.dir = Path(root) / name
+        self.name = name
+        self.fingerprint = fingerprint
+        self.marker = Path(root) / f"{name}.done.json"
+
+    def is_done(self) -> bool:
+        if not (self.marker.exists() and self.dir.exists()):
+            return False
+        try:
+            return read_json(self.marker).get("fingerprint") == self.fingerprint
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def run(self, fn: Callable[[Path], Any]) -> dict:
+        if self.is_done():
+            record = read_json(self.marker)
+            record["skipped"] = True
+            return record
+        if self.marker.exists():
+            self.marker.unlink()
+        start = time.perf_counter()
+        with atomic_dir(self.dir) as tmp:
+            result = fn(tmp)
+        record = {"stage": self.name, "fingerprint": self.fingerprint, "seconds": round(time.perf_counter() - start, 3), "result": result}
+        write_json(self.marker, record)
+        record["skipped"] = False
+        return record

@@ -1,0 +1,38 @@
+"""Installable package for the noisy-student pseudo-labeling engine (see README.md)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="cxr-noisy-student",
+    version="0.1.0",
+    description="Self-training (noisy-student) pseudo-labeling engine for chest radiographs",
+    python_requires=">=3.10",
+    packages=find_packages(include=["teacher_student*", "loops*", "augment*", "datasets*"]),
+    py_modules=["run_cycle"],
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "timm>=1.0",
+        "ultralytics>=8.3",
+        "effdet>=0.4",
+        "albumentations>=2.0",
+        "pydicom>=3.0",
+        "pylibjpeg>=2.0",
+        "pylibjpeg-openjpeg>=2.0",  # JPEG 2000 DICOMs (MIT licensed)
+        "ensemble-boxes>=1.0.9",
+        "numpy",
+        "pandas",
+        "pillow",
+        "scikit-learn",
+        "pycocotools",
+        "matplotlib",
+        "cleanlab>=2.6",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # 12-bit lossy JPEG DICOMs. GPL-3 licensed, hence opt-in.
+        "jpeg-lossy": ["pylibjpeg-libjpeg>=2.0"],
+    },
+    entry_points={"console_scripts": ["run-cycle=run_cycle:main"]},
+)

@@ -1,0 +1,314 @@
+"""One nested, frozen configuration for the whole engine.
+
+Why frozen dataclasses: a config that cannot change after loading is a config that can be hashed
+and saved next to the results it made, which is what makes stages resumable (a stage's outputs are
+reused only when the config slice that made them is identical). Loaded from YAML, overridden from
+the command line with ``key.sub=value``; an unknown key fails with a "did you mean" hint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images and labels are, and in which format."""
+
+    format: Literal["demo", "vinbigdata", "siim", "generic"] = "demo"
+    root: str = "demo_data"
+    """Data root; every image path must resolve inside it."""
+    labels_csv: str = ""
+    """Generic/VinBigData: the label table, relative to root (adapter default when empty)."""
+    images_csv: str = ""
+    """Generic: one row per image (image_id, patient_id, path, study label, role...)."""
+    study_label_column: str = "label_group"
+    """Generic: column holding the study-level class name."""
+    study_classes: tuple[str, ...] = ()
+    """Class names of the study-level classifier; empty: taken from the adapter."""
+    normal_class: str = ""
+    """The study class meaning "nothing abnormal"; P(abnormal) = 1 - P(normal). Empty: adapter's."""
+    box_classes: tuple[str, ...] = ()
+    """Detector class names; empty: taken from the adapter."""
+    fuse_radiologists: bool = True
+    """VinBigData: fuse the boxes of several radiologists with WBF (as the top solutions did)."""
+    radiologist_iou_thr: float = 0.4
+    on_bad_input: Literal["quarantine", "error"] = "quarantine"
+    """quarantine: bad rows are set aside and reported; error: the first bad row stops the run."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a source image becomes the array the models read. Saved in every checkpoint."""
+
+    size: int = 512
+    """Images are resized to size x size (normalized boxes are unchanged by this)."""
+    percentile_clip: tuple[float, float] = (0.5, 99.5)
+    """Applied when a DICOM has no window/VOI LUT: robust min-max over these percentiles."""
+    mean: float = 0.5
+    std: float = 0.25
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    k: int = 5
+    seed: int = 42
+    phash_max_distance: int = 0
+    """Perceptual-hash Hamming distance (of 64 bits) under which two images are one group.
+    0 keeps only pixel-identical images together."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by the classifier (and the effdet detector)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    warmup_epochs: float = 1.0
+    ema_decay: float = 0.0
+    """0 disables the exponential moving average of weights."""
+    grad_clip: float = 5.0
+    patience: int = 0
+    """Early stopping patience in epochs on the validation metric; 0 disables it."""
+    amp: bool = True
+    """Mixed precision and channels_last, used only on CUDA."""
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    ladder: tuple[str, ...] = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3")
+    """timm model per generation: ladder[0] is the cycle-0 teacher, ladder[c] the student of cycle c."""
+    drop_rate: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4)
+    drop_path_rate: tuple[float, ...] = (0.0, 0.1, 0.2, 0.2)
+    pretrained: str = ""
+    """Empty: random init. 'timm' downloads timm's weights; a path loads a local state dict."""
+    loss: Literal["auto", "softmax", "bce"] = "auto"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    randaugment_n: tuple[int, ...] = (0, 2, 2, 3)
+    """Number of RandAugment ops per generation (0: the light teacher transforms only)."""
+    randaugment_m: tuple[int, ...] = (0, 9, 12, 15)
+    """RandAugment magnitude (0..30) per generation."""
+    tta_hflip: bool = True
+
+
+@dataclass(frozen=True)
+class PseudoConfig:
+    """How teacher predictions become student targets (pure functions in teacher_student.pseudo)."""
+
+    mode: Literal["soft", "hard"] = "soft"
+    temperature: float = 1.0
+    """Applied at read time to the stored raw probabilities (<1 sharpens)."""
+    labeled_blend: float = 0.3
+    """Student target for labeled images: (1 - w) * ground truth + w * OOF soft label."""
+    confidence: float = 0.5
+    """Keep unlabeled images whose top probability reaches this (ignored if target_precision > 0)."""
+    target_precision: float = 0.0
+    """If > 0, per class the lowest threshold whose OOF precision reaches it."""
+    balance: bool = True
+    """Noisy-Student balancing: duplicate up to the per-class count, keep the most confident."""
+    per_class: int = 0
+    """Images per class after balancing; 0: the median of the kept per-class counts."""
+    weight: float = 1.0
+    """Loss weight of pseudo-labeled images relative to labeled ones."""
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    enabled: bool = True
+    kind: Literal["yolo", "effdet"] = "yolo"
+    ladder: tuple[str, ...] = ("yolov8n.yaml", "yolov8s.yaml", "yolov8m.yaml", "yolov8m.yaml")
+    """Per generation: an ultralytics YAML (or local .pt) or an effdet name (tf_efficientdet_d0...)."""
+    img_size: int = 512
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    conf_floor: float = 0.01
+    """Predictions below this score are not kept at all (low, so that WBF and thresholds decide)."""
+    iou_thr: float = 0.55
+    skip_box_thr: float = 0.01
+    conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
+    metric_iou: float = 0.4
+    """mAP IoU: 0.4 VinBigData, 0.5 SIIM."""
+    target_precision: float = 0.8
+    """Per-class pseudo-box score threshold: the lowest that reaches this precision on OOF."""
+    negative_max_p_abnormal: float = 0.2
+    """An unlabeled image with no kept box and P(abnormal) below this becomes a negative."""
+    randaugment_n: tuple[int, ...] = (0, 2, 2, 3)
+    randaugment_m: tuple[int, ...] = (0, 6, 9, 12)
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    mode: Literal["hard", "soft", "off"] = "hard"
+    low: float = 0.08
+    high: float = 0.95
+    tune_on_oof: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    cycles: int = 3
+    out: str = "runs/demo"
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    oracle: bool = True
+    """Also train a supervised reference on all labels (labeled + unlabeled ground truth)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    folds: FoldConfig = field(default_factory=FoldConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def ladder_value(values: tuple, generation: int):
+    """The ladder entry for a generation; a short ladder repeats its last rung."""
+    if not values:
+        raise ConfigError("a model/noise ladder must have at least one entry")
+    return values[min(generation, len(values) - 1)]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _hint(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn a YAML/CLI value into the annotated type, with a clear error naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{_hint(str(value), [str(a) for a in args])}")
+        return value
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v != ""]
+        inner = args[0] if args else str
+        return tuple(_coerce(v, inner, where) for v in items)
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation in (int, float, str):
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return annotation(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {annotation.__name__}") from None
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key '{where}'{_hint(key, known)}")
+        annotation = hints[key]
+        if is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value or {}, where + ".")
+        else:
+            kwargs[key] = _coerce(value, annotation, where)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> EngineConfig:
+    return _build(EngineConfig, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    out = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(out))  # tuples -> lists, for YAML/JSON round trips
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'detector.epochs=3' -> (['detector', 'epochs'], 3) with YAML scalar parsing of the value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply key.sub=value overrides to a plain dict (validated later by config_from_dict)."""
+    data = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> EngineConfig:
+    """Defaults <- base dict <- YAML file <- overrides, validated into frozen dataclasses."""
+    data: dict = json.loads(json.dumps(base or {}))
+    if path:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        data = _deep_merge(data, loaded)
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a config (or any JSON-able value), used to key stage outputs."""
+    if is_dataclass(obj):
+        obj = config_to_dict(obj)
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def with_changes(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace, named for readability at call sites."""
+    return replace(cfg, **changes)
