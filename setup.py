@@ -8,6 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["teacher_student*", "loops*", "augment*", "datasets*"]),
     py_modules=["run_cycle"],
+    package_data={"teacher_student": ["presets/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

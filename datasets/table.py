@@ -155,3 +155,31 @@ class ItemTable:
             "box_labeled_images": int(self.items["box_labeled"].sum()),
             "quarantined": int(len(self.quarantine)),
         }
+
+
+def save_table(directory: str | Path, table: ItemTable) -> None:
+    """Write the table as items.csv, boxes.csv, quarantine.csv and table.json (atomically each)."""
+    from loops.stages import write_json, write_table
+
+    directory = Path(directory)
+    write_table(directory / "items.csv", table.items)
+    write_table(directory / "boxes.csv", table.boxes)
+    write_table(directory / "quarantine.csv", table.quarantine)
+    write_json(directory / "table.json", {"study_classes": list(table.study_classes),
+                                          "box_classes": list(table.box_classes),
+                                          "label_mode": table.label_mode, "normal_class": table.normal_class})
+
+
+def load_table(directory: str | Path) -> ItemTable:
+    from loops.stages import read_json, read_table
+
+    directory = Path(directory)
+    meta = read_json(directory / "table.json")
+    items = read_table(directory / "items.csv")
+    for col in ("has_study_label", "box_labeled"):
+        items[col] = items[col].astype(bool)
+    boxes = read_table(directory / "boxes.csv")
+    boxes[BOX_COLUMNS] = boxes[BOX_COLUMNS].astype("float32")
+    return ItemTable(items=items, boxes=boxes, study_classes=tuple(meta["study_classes"]),
+                     box_classes=tuple(meta["box_classes"]), label_mode=meta["label_mode"],
+                     normal_class=meta["normal_class"], quarantine=read_table(directory / "quarantine.csv"))

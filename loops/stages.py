@@ -69,13 +69,17 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_table(path: str | Path, df: pd.DataFrame) -> None:
-    """Write a table atomically; the suffix picks the format (.csv or .parquet-free .pkl-free .csv.gz)."""
+    """Write a table atomically as CSV (gzip-compressed when the name ends in .gz)."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, compression="gzip" if str(path).endswith(".gz") else None)
 
 
+ID_COLUMNS = {"image_id": str, "patient_id": str, "source": str, "models": str}
+
+
 def read_table(path: str | Path, **kwargs: Any) -> pd.DataFrame:
-    return pd.read_csv(path, keep_default_na=True, **kwargs)
+    """Read a table written by write_table; id columns stay strings ("0001" must not become 1)."""
+    return pd.read_csv(path, dtype={**ID_COLUMNS, **kwargs.pop("dtype", {})}, keep_default_na=True, **kwargs)
 
 
 class Stage:

@@ -174,7 +174,10 @@ class RunConfig:
     seed: int = 0
     workers: int = 2
     oracle: bool = True
-    """Also train a supervised reference on all labels (labeled + unlabeled ground truth)."""
+    """Also train a supervised reference on all labels (labeled + unlabeled ground truth), when the
+    dataset has hidden truth for its unlabeled pool (the demo does)."""
+    cache_dir: str = ""
+    """Preprocessing cache; empty: <out>/cache. Share one between runs to decode each image once."""
 
 
 @dataclass(frozen=True)

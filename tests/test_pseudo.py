@@ -1,0 +1,111 @@
+"""Pseudo-label maths against hand-computed values."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from teacher_student import pseudo
+
+
+def test_sharpen_multiclass_matches_hand_computation():
+    p = np.array([[0.6, 0.3, 0.1]])
+    out = pseudo.sharpen(p, temperature=0.5, mode="multiclass")
+    expected = np.array([0.36, 0.09, 0.01]) / 0.46  # p^2 renormalised
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5)
+    np.testing.assert_allclose(pseudo.sharpen(p, temperature=1.0, mode="multiclass"), p.astype(np.float32))
+
+
+def test_sharpen_multilabel_is_per_class_logit_scaling():
+    p = np.array([[0.8, 0.5, 0.2]])
+    out = pseudo.sharpen(p, temperature=0.5, mode="multilabel")
+    # logit(0.8) = ln 4; / 0.5 -> ln 16 -> 16/17
+    np.testing.assert_allclose(out[0], [16 / 17, 0.5, 1 / 17], rtol=1e-5)
+
+
+def test_bad_probabilities_raise_clear_errors():
+    with pytest.raises(ValueError, match="temperature"):
+        pseudo.sharpen(np.array([[0.5, 0.5]]), temperature=0, mode="multiclass")
+    with pytest.raises(ValueError, match="NaN"):
+        pseudo.sharpen(np.array([[np.nan, 0.5]]), temperature=1, mode="multiclass")
+    with pytest.raises(ValueError, match="shapes differ"):
+        pseudo.blend_targets(np.eye(2), np.ones((3, 2)) / 2, weight=0.3)
+
+
+def test_blend_targets():
+    gt = np.array([[1.0, 0.0]])
+    oof = np.array([[0.2, 0.8]])
+    np.testing.assert_allclose(pseudo.blend_targets(gt, oof, weight=0.25), [[0.8, 0.2]])
+
+
+def test_precision_threshold_picks_lowest_threshold_reaching_target():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    correct = np.array([True, True, False, True, False])
+    # precision at >=0.9: 1, >=0.8: 1, >=0.7: 2/3, >=0.6: 3/4, >=0.5: 3/5
+    assert pseudo.precision_threshold(scores, correct, target_precision=0.75) == pytest.approx(0.6)
+    assert pseudo.precision_threshold(scores, correct, target_precision=0.9) == pytest.approx(0.8)
+    assert pseudo.precision_threshold(scores, correct, target_precision=1.0) == pytest.approx(0.8)
+    assert pseudo.precision_threshold(scores[2:3], correct[2:3], target_precision=0.5) == np.inf
+    curve = pseudo.precision_curve(scores, correct)
+    np.testing.assert_allclose(curve["recall"], [1 / 3, 2 / 3, 2 / 3, 1, 1])
+
+
+def test_class_thresholds_multiclass():
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4], [0.2, 0.8]])
+    truth = np.array([[1, 0], [0, 1], [1, 0], [0, 1]])
+    thr = pseudo.class_thresholds(probs, truth, target_precision=1.0, mode="multiclass")
+    assert thr[0] == pytest.approx(0.9)  # 0.7 is wrong, so only >= 0.9 is pure
+    assert thr[1] == pytest.approx(0.8)
+
+
+def test_select_and_balance():
+    ids = [f"u{i}" for i in range(6)]
+    probs = np.array([[0.95, 0.05], [0.9, 0.1], [0.85, 0.15], [0.8, 0.2], [0.3, 0.7], [0.55, 0.45]])
+    sel = pseudo.select_pseudo(ids, probs, mode="multiclass", class_names=["normal", "abnormal"], confidence=0.6)
+    assert sel["kept"].tolist() == [True, True, True, True, True, False]
+    bal = pseudo.balance_classes(sel, per_class=2, seed=0)
+    # 'normal' has 4 kept -> keeps its 2 most confident; 'abnormal' has 1 -> duplicated to 2 copies
+    assert sorted(bal[bal["label"] == "normal"]["image_id"]) == ["u0", "u1"]
+    assert bal.set_index("image_id").loc["u4", "copies"] == 2
+    assert bal.groupby("label")["copies"].sum().to_dict() == {"abnormal": 2, "normal": 2}
+
+
+def test_balance_default_is_median_and_remainder_is_sampled():
+    sel = pd.DataFrame({"image_id": [f"i{i}" for i in range(8)], "label": list("aaaaabbc"),
+                        "confidence": np.linspace(1, 0.5, 8), "kept": True})
+    bal = pseudo.balance_classes(sel, seed=1)
+    assert bal.groupby("label")["copies"].sum().to_dict() == {"a": 2, "b": 2, "c": 2}
+
+
+def test_thresholds_from_oof_used_per_class():
+    sel = pseudo.select_pseudo(["a", "b"], np.array([[0.7, 0.3], [0.2, 0.8]]), mode="multiclass",
+                               class_names=["x", "y"], thresholds=np.array([0.75, 0.5]))
+    assert sel["kept"].tolist() == [False, True]
+
+
+def test_box_thresholds_and_negatives():
+    matched = pd.DataFrame({"class_id": [0, 0, 0, 1], "score": [0.9, 0.6, 0.4, 0.3],
+                            "true_positive": [True, True, False, False]})
+    thr = pseudo.box_thresholds(matched, num_classes=3, target_precision=0.9)
+    assert thr[0] == pytest.approx(0.6) and np.isinf(thr[1]) and np.isinf(thr[2])
+    fused = pd.DataFrame({"image_id": ["a", "a", "b"], "class_id": [0, 0, 0], "x_min": 0.1, "y_min": 0.1,
+                          "x_max": 0.2, "y_max": 0.2, "score": [0.7, 0.5, 0.5]})
+    p = pd.Series({"a": 0.9, "b": 0.1, "c": 0.6})
+    boxes, images = pseudo.select_pseudo_boxes(fused, ["a", "b", "c"], p, thresholds=thr, negative_max_p_abnormal=0.2)
+    assert len(boxes) == 1 and boxes["score"].iloc[0] == 0.7
+    assert images.set_index("image_id")["status"].to_dict() == {"a": "boxes", "b": "negative", "c": "uncertain"}
+
+
+def test_gate_hard_and_soft():
+    boxes = pd.DataFrame({"image_id": ["lo", "mid", "hi"], "class_id": [3, 3, 3], "x_min": 0.1, "y_min": 0.1,
+                          "x_max": 0.3, "y_max": 0.3, "score": [0.5, 0.5, 0.5]})
+    p = pd.Series({"lo": 0.05, "mid": 0.5, "hi": 0.99})
+    hard = pseudo.gate_predictions(boxes, p, no_finding_class=14, low=0.08, high=0.95, mode="hard")
+    by = {k: g for k, g in hard.groupby("image_id")}
+    assert by["lo"]["class_id"].tolist() == [14] and by["lo"]["score"].tolist() == [1.0]
+    assert sorted(by["mid"]["class_id"]) == [3, 14]
+    assert by["mid"].set_index("class_id").loc[14, "score"] == pytest.approx(0.5)
+    assert by["hi"]["class_id"].tolist() == [3]
+    soft = pseudo.gate_predictions(boxes, p, no_finding_class=14, low=0.08, high=0.95, mode="soft")
+    hi = soft[soft["image_id"] == "hi"].set_index("class_id")["score"]
+    assert hi[3] == pytest.approx(0.5 * 0.99) and hi[14] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="low <= high"):
+        pseudo.gate_predictions(boxes, p, no_finding_class=14, low=0.9, high=0.1)
