@@ -31,7 +31,8 @@ import yaml
 from datasets.table import DataError, ItemTable, load_table, save_table
 from loops.stages import Stage, read_json, read_table, write_json, write_table
 from teacher_student import classification as cls
-from teacher_student import pseudo
+from teacher_student import detection as det
+from teacher_student import gating, pseudo
 from teacher_student.config import EngineConfig, config_to_dict, fingerprint
 
 log = logging.getLogger("cxr.cycle")
@@ -90,6 +91,16 @@ class Run:
     @property
     def labeled_ids(self) -> list[str]:
         return list(self.folds.index)
+
+    @property
+    def box_labeled(self) -> set[str]:
+        return set(self.table.items.loc[self.table.items["box_labeled"], "image_id"])
+
+    @property
+    def det_labeled_ids(self) -> list[str]:
+        """Labeled images whose boxes are ground truth: the ones detectors train on and score."""
+        boxed = self.box_labeled
+        return [i for i in self.folds.index if i in boxed]
 
     def ids(self, *roles: str) -> list[str]:
         return self.table.with_role(*roles)["image_id"].tolist()
@@ -174,28 +185,34 @@ def report_quarantine(table: ItemTable) -> None:
 # ------------------------------------------------------------------------- classification
 
 
-def classifier_generation(run: Run, gen: int, pseudo_dir: Path | None, prev_pred: Path | None) -> Path:
-    """Train generation ``gen``'s k fold classifiers and write its predictions; return their dir."""
-    cfg, gen_dir = run.cfg, run.out / f"gen{gen}" / "classifier"
+def classifier_generation(run: Run, gen: int, pseudo_dir: Path | None, prev_pred: Path | None, *,
+                          name: str | None = None, table: ItemTable | None = None, extra_ids: tuple = ()) -> Path:
+    """Train generation ``gen``'s k fold classifiers and write its predictions; return their dir.
+
+    ``name``/``table``/``extra_ids`` let the oracle reuse this with its own directory, a table
+    holding the hidden truth, and the unlabeled pool added to every fold's training set.
+    """
+    cfg, table = run.cfg, table or run.table
+    gen_dir = run.out / (name or f"gen{gen}") / "classifier"
     oof = read_table(prev_pred / "oof.csv") if prev_pred else None
     pool = read_table(prev_pred / "pool.csv") if prev_pred else None
     selected = read_table(pseudo_dir / "class_pseudo.csv") if pseudo_dir else None
     base = {"classifier": config_to_dict(cfg.classifier), "augment": config_to_dict(cfg.augment),
             "pre": config_to_dict(cfg.preprocess), "pseudo": config_to_dict(cfg.pseudo), "seed": cfg.run.seed,
             "gen": gen}
+    load = run.load_for({"preprocess": config_to_dict(cfg.preprocess)})
     for fold in range(cfg.folds.k):
-        train_ids = [i for i in run.labeled_ids if run.folds[i] != fold]
+        train_ids = [i for i in run.labeled_ids if run.folds[i] != fold] + list(extra_ids)
         val_ids = [i for i in run.labeled_ids if run.folds[i] == fold]
-        ts = cls.student_targets(cfg, run.table, train_ids, oof, selected, pool)
+        ts = cls.student_targets(cfg, table, train_ids, oof, selected, pool)
         payload = {**base, "fold": fold, "train": fingerprint(ts.fingerprint_payload()), "val": val_ids}
         run.stage(gen_dir, f"fold{fold}", payload,
-                  lambda d, f=fold, t=ts, v=val_ids: cls.train_fold(cfg, run.table, run.load_for({"preprocess": config_to_dict(cfg.preprocess)}),
-                                                                  gen, f, t, v, run.device, d, log.info))
+                  lambda d, f=fold, t=ts, v=val_ids: cls.train_fold(cfg, table, load, gen, f, t, v, run.device, d,
+                                                                  log.info))
     pool_ids = run.ids("unlabeled", "test")
     payload = {**base, "models": file_digest(*(gen_dir / f"fold{f}" for f in range(cfg.folds.k))), "pool": pool_ids}
     run.stage(gen_dir, "predictions", payload,
-              lambda d: cls.predict_generation(cfg, run.table, run.load_for, run.folds, gen_dir, pool_ids,
-                                               run.device, d))
+              lambda d: cls.predict_generation(cfg, table, run.load_for, run.folds, gen_dir, pool_ids, run.device, d))
     return gen_dir / "predictions"
 
 
@@ -211,7 +228,7 @@ def classifier_metrics(run: Run, pred_dir: Path) -> dict:
     return out
 
 
-def select_classifier_pseudo(run: Run, pred_dir: Path, out_dir: Path) -> dict:
+def select_classifier_pseudo(run: Run, pred_dir: Path, out_dir: Path, cycle: int) -> dict:
     """Confidence filter + class balancing of the teacher's unlabeled-pool probabilities."""
     cfg, table = run.cfg, run.table
     preds = cls.load_predictions(pred_dir)
@@ -221,62 +238,280 @@ def select_classifier_pseudo(run: Run, pred_dir: Path, out_dir: Path) -> dict:
     if cfg.pseudo.target_precision > 0:
         thresholds = pseudo.class_thresholds(oof[cols].to_numpy(), table.study_targets(oof["image_id"]),
                                              target_precision=cfg.pseudo.target_precision, mode=table.label_mode)
-    unlabeled = preds["pool"][preds["pool"]["image_id"].isin(run.ids("unlabeled"))]
-    selection = pseudo.select_pseudo(unlabeled["image_id"].tolist(), unlabeled[cols].to_numpy(), mode=table.label_mode,
-                                     class_names=list(table.study_classes), confidence=cfg.pseudo.confidence,
-                                     thresholds=thresholds)
+    pool = preds.get("pool", pd.DataFrame(columns=["image_id", *cols]))
+    unlabeled = pool[pool["image_id"].isin(run.ids("unlabeled"))]
+    selection = pseudo.select_pseudo(unlabeled["image_id"].tolist(), unlabeled[cols].to_numpy().reshape(-1, len(cols)),
+                                     mode=table.label_mode, class_names=list(table.study_classes),
+                                     confidence=cfg.pseudo.confidence, thresholds=thresholds)
     balanced = (pseudo.balance_classes(selection, per_class=cfg.pseudo.per_class, seed=cfg.run.seed)
                 if cfg.pseudo.balance else selection[selection["kept"]].assign(copies=1))
-    write_table(out_dir / "class_selection.csv", selection)
-    write_table(out_dir / "class_pseudo.csv", balanced)
+    provenance = {"cycle": cycle, "source": f"gen{cycle - 1}/classifier", "folds": "|".join(map(str, range(cfg.folds.k)))}
+    write_table(out_dir / "class_selection.csv", selection.assign(**provenance))
+    write_table(out_dir / "class_pseudo.csv", balanced.assign(**provenance))
     info = {"unlabeled": len(selection), "kept": int(selection["kept"].sum()),
             "after_balance": int(balanced["copies"].sum()) if len(balanced) else 0,
-            "kept_per_class": selection[selection["kept"]]["label"].value_counts().to_dict(),
-            "thresholds": None if thresholds is None else dict(zip(table.study_classes, thresholds.tolist()))}
-    info["precision"] = pseudo_precision(run, selection)
+            "kept_per_class": {k: int(v) for k, v in selection[selection["kept"]]["label"].value_counts().items()},
+            "thresholds": None if thresholds is None else dict(zip(table.study_classes, thresholds.tolist())),
+            "precision": pseudo_precision(run, selection)}
     write_json(out_dir / "class_pseudo.json", info)
     return info
 
 
 def pseudo_precision(run: Run, selection: pd.DataFrame) -> float | None:
-    """Share of kept pseudo labels that agree with the hidden truth (demo), None without truth."""
-    if run.truth is None or table_mode(run) != "multiclass":
+    """Share of kept pseudo labels that agree with the hidden truth (demo); None without truth."""
+    if run.truth is None or run.table.label_mode != "multiclass":
         return None
-    kept = selection[selection["kept"]]
-    known = run.truth.items.set_index("image_id")
-    kept = kept[kept["image_id"].map(lambda i: i in known.index and bool(known.loc[i, "has_study_label"]))]
+    known = run.truth.items.set_index("image_id")["has_study_label"]
+    kept = selection[selection["kept"] & selection["image_id"].map(lambda i: bool(known.get(i, False)))]
     if kept.empty:
         return None
     truth = run.truth.study_targets(kept["image_id"]).argmax(axis=1)
     return float((truth == kept["class_index"].to_numpy()).mean())
 
 
-def table_mode(run: Run) -> str:
-    return run.table.label_mode
+# ------------------------------------------------------------------------------ detection
+
+
+def detection_enabled(run: Run) -> bool:
+    return bool(run.cfg.detector.enabled and run.table.box_classes and run.det_labeled_ids)
+
+
+def det_pool_ids(run: Run) -> list[str]:
+    """Unlabeled + test images, and labeled images nobody drew boxes on."""
+    items = run.table.items
+    pool = items["role"].isin(["unlabeled", "test"]) | ((items["role"] == "labeled") & ~items["box_labeled"])
+    return items.loc[pool, "image_id"].tolist()
+
+
+def detector_generation(run: Run, gen: int, pseudo_dir: Path | None, *, name: str | None = None,
+                        table: ItemTable | None = None, extra_ids: tuple = ()) -> Path:
+    """Train generation ``gen``'s k fold detectors (ground truth + pseudo boxes) and predict."""
+    cfg, table = run.cfg, table or run.table
+    gen_dir = run.out / (name or f"gen{gen}") / "detector"
+    gt = det.training_boxes(table)
+    p_boxes = read_table(pseudo_dir / "box_pseudo.csv") if pseudo_dir else None
+    p_images = read_table(pseudo_dir / "box_images.csv") if pseudo_dir else None
+    base = {"detector": config_to_dict(cfg.detector), "augment": config_to_dict(cfg.augment),
+            "pre": config_to_dict(cfg.preprocess), "seed": cfg.run.seed, "gen": gen}
+    load = run.load_for({"preprocess": config_to_dict(cfg.preprocess)})
+    for fold in range(cfg.folds.k):
+        train_ids = [i for i in run.det_labeled_ids if run.folds[i] != fold] + list(extra_ids)
+        val_ids = [i for i in run.det_labeled_ids if run.folds[i] == fold]
+        ids, boxes = det.training_set(gt, train_ids, p_boxes, p_images)
+        payload = {**base, "fold": fold, "ids": ids, "boxes": fingerprint(boxes.round(6).to_dict("list")),
+                   "val": val_ids}
+        run.stage(gen_dir, f"fold{fold}", payload,
+                  lambda d, f=fold, i=ids, b=boxes, v=val_ids: det.train_fold(cfg, table, load, gen, f, i, b, v,
+                                                                             run.device, d, log.info))
+    pool_ids = det_pool_ids(run)
+    payload = {**base, "models": file_digest(*(gen_dir / f"fold{f}" for f in range(cfg.folds.k))), "pool": pool_ids}
+    run.stage(gen_dir, "predictions", payload,
+              lambda d: det.predict_generation(cfg, load, run.folds, run.det_labeled_ids, gen_dir, pool_ids,
+                                               run.device, d))
+    return gen_dir / "predictions"
+
+
+def detector_metrics(run: Run, pred_dir: Path) -> dict:
+    iou = run.cfg.detector.metric_iou
+    gt = det.training_boxes(run.table)
+    oof = read_table(pred_dir / "oof_boxes.csv")
+    pool = read_table(pred_dir / "pool_fused.csv")
+    test_ids = [i for i in run.ids("test") if i in run.box_labeled]
+    out = {"oof": det.evaluate(run.table, gt, oof, run.det_labeled_ids, iou),
+           "test": det.evaluate(run.table, gt, pool, test_ids, iou)}
+    if run.truth is not None:
+        truth_ids = run.truth.items.loc[run.truth.items["box_labeled"], "image_id"].tolist()
+        out["unlabeled_truth"] = det.evaluate(run.table, det.training_boxes(run.truth), pool,
+                                              [i for i in truth_ids if i in set(run.ids("unlabeled"))], iou)
+    return out
+
+
+def p_abnormal(run: Run, cls_pred: Path) -> pd.Series:
+    """Classifier P(abnormal) for every image: OOF for labeled ones, the fold ensemble elsewhere."""
+    preds = cls.load_predictions(cls_pred)
+    frames = [preds["oof"]] + ([preds["pool"]] if "pool" in preds else [])
+    return gating.p_abnormal_series(pd.concat(frames, ignore_index=True), run.table.normal_class)
+
+
+def select_detector_pseudo(run: Run, det_pred: Path, cls_pred: Path, out_dir: Path, cycle: int) -> dict:
+    pool_ids = [i for i in det_pool_ids(run) if i not in set(run.ids("test"))]
+    info = det.select_pseudo_boxes(run.cfg, run.table, det.training_boxes(run.table), det_pred, pool_ids,
+                                   p_abnormal(run, cls_pred), out_dir, cycle=cycle)
+    if run.truth is not None:
+        boxes = read_table(out_dir / "box_pseudo.csv")
+        truth = det.training_boxes(run.truth)
+        known = set(run.truth.items.loc[run.truth.items["box_labeled"], "image_id"])
+        boxes = boxes[boxes["image_id"].isin(known)]
+        matched = det.mark_true_positives(boxes, truth, iou_thr=run.cfg.detector.metric_iou)
+        info["precision"] = float(matched["true_positive"].mean()) if len(matched) else None
+        images = read_table(out_dir / "box_images.csv")
+        negatives = images[(images["status"] == "negative") & images["image_id"].isin(known)]["image_id"]
+        info["negative_precision"] = (float((~negatives.isin(set(truth["image_id"]))).mean())
+                                      if len(negatives) else None)
+    write_json(out_dir / "box_pseudo.json", info)
+    return info
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def final_stage(run: Run, cls_pred: Path, det_pred: Path | None, out_dir: Path) -> dict:
+    """Gate the last detector with the last classifier; write predictions and submissions."""
+    cfg, table = run.cfg, run.table
+    probs = cls.load_predictions(cls_pred)
+    pool_probs = probs.get("pool", probs["oof"].iloc[:0])
+    write_table(out_dir / "class_predictions.csv", pd.concat([probs["oof"].assign(split="oof"),
+                                                              pool_probs.assign(split="pool")], ignore_index=True))
+    result: dict = {}
+    if det_pred is None:
+        return result
+    gate = tune_or_fixed_gate(run, cls_pred, det_pred)
+    nf = len(table.box_classes)
+    p_ab = p_abnormal(run, cls_pred)
+    pool = read_table(det_pred / "pool_fused.csv")
+    oof = read_table(det_pred / "oof_boxes.csv")
+    boxes = pd.concat([oof.drop(columns=["fold"], errors="ignore"), pool], ignore_index=True)
+    gated = pseudo.gate_predictions(boxes[boxes["image_id"].isin(p_ab.index)], p_ab, no_finding_class=nf,
+                                    low=gate["low"], high=gate["high"], mode=cfg.gate.mode)
+    write_table(out_dir / "box_predictions_raw.csv", boxes)
+    write_table(out_dir / "box_predictions_gated.csv", gated)
+    test_ids = [i for i in run.ids("test") if i in run.box_labeled]
+    scores = {}
+    for label, ids in (("oof", run.det_labeled_ids), ("test", test_ids)):
+        if ids:
+            kw = dict(class_names=list(table.box_classes), iou_thr=cfg.detector.metric_iou)
+            scores[label] = {"ungated": gating.gated_map(boxes, p_ab, det.training_boxes(table), ids, mode="off",
+                                                         low=0, high=1, **kw)["map"],
+                             "gated": gating.gated_map(boxes, p_ab, det.training_boxes(table), ids, mode=cfg.gate.mode,
+                                                       low=gate["low"], high=gate["high"], **kw)["map"]}
+    write_submissions(run, boxes, gated, pool_probs, out_dir)
+    result = {"mode": cfg.gate.mode, "low": gate["low"], "high": gate["high"], "tuned": gate.get("tuned", False),
+              **scores}
+    write_json(out_dir / "gate.json", result)
+    return result
+
+
+def tune_or_fixed_gate(run: Run, cls_pred: Path, det_pred: Path) -> dict:
+    g = run.cfg.gate
+    if not g.tune_on_oof or g.mode == "off":
+        return {"low": g.low, "high": g.high}
+    oof = read_table(det_pred / "oof_boxes.csv")
+    best = gating.tune_gate(oof, p_abnormal(run, cls_pred), det.training_boxes(run.table), run.det_labeled_ids,
+                            class_names=list(run.table.box_classes), iou_thr=run.cfg.detector.metric_iou,
+                            mode=g.mode)
+    return {"low": best.get("low", g.low), "high": best.get("high", g.high), "tuned": True}
+
+
+def write_submissions(run: Run, raw: pd.DataFrame, gated: pd.DataFrame, pool_probs: pd.DataFrame, out_dir: Path) -> None:
+    """Competition CSVs for the test role (or the unlabeled pool when there is no test role)."""
+    items = run.table.with_role("test")
+    if items.empty:
+        items = run.table.with_role("unlabeled")
+    nf = len(run.table.box_classes)
+    for tag, boxes in (("raw", raw), ("gated", gated)):
+        if run.cfg.data.format == "siim":
+            sub = gating.siim_submission(boxes, pool_probs, items, study_classes=run.table.study_classes,
+                                         no_finding_class=nf)
+        else:
+            sub = gating.vinbigdata_submission(boxes, items, no_finding_class=nf)
+        write_table(out_dir / f"submission_{tag}.csv", sub)
+
+
+# ------------------------------------------------------------------------------- oracle
+
+
+def truth_table(run: Run) -> ItemTable:
+    """The run's table with the hidden truth of the unlabeled pool filled in (oracle only)."""
+    truth_items = run.truth.items.set_index("image_id")
+    items = run.table.items.copy()
+    pool = items["role"].eq("unlabeled") & items["image_id"].isin(truth_items.index)
+    cols = [*run.table.label_columns, "has_study_label", "box_labeled"]
+    items.loc[pool, cols] = truth_items.loc[items.loc[pool, "image_id"], cols].to_numpy()
+    items[["has_study_label", "box_labeled"]] = items[["has_study_label", "box_labeled"]].astype(bool)
+    truth_boxes = det.training_boxes(run.truth)
+    boxes = pd.concat([run.table.boxes, truth_boxes[truth_boxes["image_id"].isin(set(items.loc[pool, "image_id"]))]],
+                      ignore_index=True)
+    return run.table.replace(items=items, boxes=boxes)
+
+
+def oracle(run: Run, with_detector: bool) -> dict | None:
+    """The cycle-0 recipe trained on every label (labeled + the pool's hidden truth): the ceiling
+    that the fraction of the gap closed is read against."""
+    if run.truth is None or not run.cfg.run.oracle:
+        return None
+    table = truth_table(run)
+    extra = tuple(table.items.loc[table.items["role"].eq("unlabeled") & table.items["has_study_label"], "image_id"])
+    pred = classifier_generation(run, 0, None, None, name="oracle", table=table, extra_ids=extra)
+    out = {"model": run.cfg.classifier.ladder[0], "classifier": classifier_metrics(run, pred)}
+    if with_detector:
+        boxed = tuple(table.items.loc[table.items["role"].eq("unlabeled") & table.items["box_labeled"], "image_id"])
+        out["detector"] = detector_metrics(run, detector_generation(run, 0, None, name="oracle", table=table,
+                                                                    extra_ids=boxed))
+    return out
+
+
+def gap_closed(gens: list[dict], oracle_rec: dict | None) -> dict:
+    """(last student - teacher) / (oracle - teacher) on the held-out test part."""
+    if not oracle_rec or len(gens) < 2:
+        return {}
+    out = {}
+    for key, path in (("classifier_auc", ("classifier", "test", "auc_macro")), ("detector_map", ("detector", "test", "map"))):
+        vals = [_dig(gens[0], path), _dig(gens[-1], path), _dig(oracle_rec, path)]
+        if None not in vals and abs(vals[2] - vals[0]) > 1e-9:
+            out[key] = (vals[1] - vals[0]) / (vals[2] - vals[0])
+    return out
+
+
+def _dig(d, path):
+    for key in path:
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
 
 
 # ------------------------------------------------------------------------------ the loop
+
+
+def generation_record(run: Run, gen: int, cls_pred: Path, det_pred: Path | None) -> dict:
+    rec = {"generation": gen, "model": cls.ladder_value(run.cfg.classifier.ladder, gen),
+           "classifier": classifier_metrics(run, cls_pred)}
+    if det_pred is not None:
+        rec["detector_model"] = cls.ladder_value(run.cfg.detector.ladder, gen)
+        rec["detector"] = detector_metrics(run, det_pred)
+    return rec
 
 
 def run_cycles(cfg: EngineConfig) -> dict:
     """Run data preparation, generation 0 and ``cfg.run.cycles`` teacher -> student cycles."""
     started = time.perf_counter()
     run = prepare(cfg)
-    gens: list[dict] = []
-    cycles: list[dict] = []
-    pred = classifier_generation(run, 0, None, None)
-    gens.append({"generation": 0, "model": cfg.classifier.ladder[0], "classifier": classifier_metrics(run, pred)})
+    with_det = detection_enabled(run)
+    cls_pred = classifier_generation(run, 0, None, None)
+    det_pred = detector_generation(run, 0, None) if with_det else None
+    gens, cycles = [generation_record(run, 0, cls_pred, det_pred)], []
     for cycle in range(1, cfg.run.cycles + 1):
         cycle_dir = run.out / f"cycle{cycle}"
-        payload = {"teacher": file_digest(pred), "pseudo": config_to_dict(cfg.pseudo), "seed": cfg.run.seed}
-        rec = run.stage(cycle_dir, "pseudo", payload, lambda d, p=pred: {"classifier": select_classifier_pseudo(run, p, d)})
-        prev = pred
-        pred = classifier_generation(run, cycle, cycle_dir / "pseudo", prev)
-        gens.append({"generation": cycle, "model": cls.ladder_value(cfg.classifier.ladder, cycle),
-                     "classifier": classifier_metrics(run, pred)})
-        cycles.append({"cycle": cycle, "teacher": gens[cycle - 1], "student": gens[cycle],
-                       "pseudo": rec["result"]})
-    summary = {"generations": gens, "cycles": cycles, "data": read_json(run.out / "data.done.json")["result"],
+        payload = {"teacher": file_digest(cls_pred), "detector": file_digest(det_pred) if det_pred else None,
+                   "pseudo": config_to_dict(cfg.pseudo), "det": config_to_dict(cfg.detector), "seed": cfg.run.seed}
+
+        def select(d: Path, c=cls_pred, b=det_pred, k=cycle) -> dict:
+            rec = {"classifier": select_classifier_pseudo(run, c, d, k)}
+            if b is not None:
+                rec["detector"] = select_detector_pseudo(run, b, c, d, k)
+            return rec
+
+        rec = run.stage(cycle_dir, "pseudo", payload, select)
+        prev = cls_pred
+        cls_pred = classifier_generation(run, cycle, cycle_dir / "pseudo", prev)
+        det_pred = detector_generation(run, cycle, cycle_dir / "pseudo") if with_det else None
+        gens.append(generation_record(run, cycle, cls_pred, det_pred))
+        cycles.append({"cycle": cycle, "pseudo": rec["result"], "teacher": gens[cycle - 1]["generation"],
+                       "student": cycle})
+    payload = {"cls": file_digest(cls_pred), "det": file_digest(det_pred) if det_pred else None,
+               "gate": config_to_dict(cfg.gate)}
+    final = run.stage(run.out, "final", payload, lambda d: final_stage(run, cls_pred, det_pred, d))
+    oracle_rec = oracle(run, with_det)
+    summary = {"generations": gens, "cycles": cycles, "oracle": oracle_rec, "gap_closed": gap_closed(gens, oracle_rec),
+               "gate": final["result"] or None, "data": read_json(run.out / "data.done.json")["result"],
                "stages": [{k: r[k] for k in ("path", "seconds", "skipped")} for r in run.records],
                "wall_seconds": round(time.perf_counter() - started, 1)}
     write_json(run.out / "summary.json", summary)

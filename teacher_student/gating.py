@@ -1,0 +1,103 @@
+"""The final-cycle gate: scoring it with a "No finding" class, tuning it on OOF, submissions.
+
+VinBigData scored "No finding" as a 15th class whose ground truth is a full-image box on every
+image without findings; that is why gating the detector with a normal/abnormal classifier paid off
+so much there. We score the same way: :func:`with_no_finding` adds that class to ground truth, and
+the gate (``teacher_student.pseudo.gate_predictions``) adds it to predictions.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+from datasets.boxes import BOX_COLUMNS, to_pixels
+from loops.det_metrics import mean_average_precision
+from teacher_student.pseudo import gate_predictions
+
+LOW_GRID = (0.0, 0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3)
+HIGH_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0)
+
+
+def with_no_finding(gt: pd.DataFrame, image_ids: list[str], no_finding_class: int) -> pd.DataFrame:
+    """Ground truth plus a full-image "No finding" box on every listed image without boxes."""
+    empty = sorted(set(image_ids) - set(gt["image_id"]))
+    nf = pd.DataFrame({"image_id": empty, "class_id": no_finding_class, "x_min": 0.0, "y_min": 0.0,
+                       "x_max": 1.0, "y_max": 1.0})
+    return pd.concat([gt[gt["image_id"].isin(set(image_ids))][["image_id", "class_id", *BOX_COLUMNS]], nf],
+                     ignore_index=True)
+
+
+def gated_map(boxes, p_abnormal, gt, image_ids, *, class_names, iou_thr, mode, low, high) -> dict:
+    """mAP over box classes + "No finding" after gating (mode "off": the detector alone)."""
+    nf = len(class_names)
+    gated = gate_predictions(boxes[boxes["image_id"].isin(set(image_ids))], p_abnormal.loc[list(image_ids)],
+                             no_finding_class=nf, low=low, high=high, mode=mode)
+    return mean_average_precision(gated, with_no_finding(gt, image_ids, nf), num_classes=nf + 1, iou_thr=iou_thr,
+                                  class_names=[*class_names, "No finding"], image_ids=image_ids)
+
+
+def tune_gate(boxes, p_abnormal, gt, image_ids, *, class_names, iou_thr, mode) -> dict:
+    """Grid-search (low, high) on OOF predictions for the best mAP including "No finding"."""
+    best = {"map": -1.0}
+    grid = [(lo, hi) for lo, hi in itertools.product(LOW_GRID, HIGH_GRID) if lo <= hi]
+    if mode == "soft":
+        grid = [(0.0, 1.0)]  # soft gating has no thresholds
+    for lo, hi in grid:
+        m = gated_map(boxes, p_abnormal, gt, image_ids, class_names=class_names, iou_thr=iou_thr, mode=mode,
+                      low=lo, high=hi)["map"] or 0.0
+        if m > best["map"] + 1e-12:
+            best = {"map": m, "low": lo, "high": hi}
+    return best
+
+
+def vinbigdata_submission(pred: pd.DataFrame, items: pd.DataFrame, *, no_finding_class: int) -> pd.DataFrame:
+    """VinBigData rows: image_id, PredictionString "class score x_min y_min x_max y_max ..." in
+    original pixels; "No finding" as "14 score 0 0 1 1" as the competition defined it; an image
+    without any prediction gets "14 1 0 0 1 1"."""
+    sizes = items.set_index("image_id")[["width", "height"]]
+    rows = []
+    for image_id in items["image_id"]:
+        p = pred[pred["image_id"] == image_id].sort_values("score", ascending=False)
+        w, h = sizes.loc[image_id]
+        parts = []
+        for r, px in zip(p.itertuples(), to_pixels(p[BOX_COLUMNS].to_numpy(), w, h)):
+            if r.class_id == no_finding_class:
+                parts.append(f"14 {r.score:.4f} 0 0 1 1")
+            else:
+                parts.append(f"{int(r.class_id)} {r.score:.4f} " + " ".join(str(int(round(v))) for v in px))
+        rows.append({"image_id": image_id, "PredictionString": " ".join(parts) or "14 1 0 0 1 1"})
+    return pd.DataFrame(rows)
+
+
+def siim_submission(pred: pd.DataFrame, study_probs: pd.DataFrame, items: pd.DataFrame, *, study_classes,
+                    no_finding_class: int) -> pd.DataFrame:
+    """SIIM-COVID19 rows: "<study>_study" with "<class> p 0 0 1 1" for the four study classes
+    (lower-cased first word: negative, typical, indeterminate, atypical) and "<image>_image" with
+    "opacity score x y x y" boxes and "none p 0 0 1 1"."""
+    names = [c.split()[0].lower() for c in study_classes]
+    rows = []
+    study_of = items.set_index("image_id")["study_id"] if "study_id" in items else items.set_index("image_id")["image_id"]
+    probs = study_probs.set_index("image_id")
+    cols = [c for c in probs.columns if c.startswith("p:")]
+    per_study = probs.loc[probs.index.intersection(items["image_id"]), cols].groupby(study_of).mean()
+    for study, p in per_study.iterrows():
+        rows.append({"id": f"{study}_study", "PredictionString": " ".join(f"{n} {v:.4f} 0 0 1 1" for n, v in zip(names, p))})
+    sizes = items.set_index("image_id")[["width", "height"]]
+    for image_id in items["image_id"]:
+        p = pred[pred["image_id"] == image_id]
+        w, h = sizes.loc[image_id]
+        parts = [f"none {r.score:.4f} 0 0 1 1" if r.class_id == no_finding_class else
+                 f"opacity {r.score:.4f} " + " ".join(f"{v:.1f}" for v in px)
+                 for r, px in zip(p.itertuples(), to_pixels(p[BOX_COLUMNS].to_numpy(), w, h))]
+        rows.append({"id": f"{image_id}_image", "PredictionString": " ".join(parts) or "none 1 0 0 1 1"})
+    return pd.DataFrame(rows)
+
+
+def p_abnormal_series(probs: pd.DataFrame, normal_class: str) -> pd.Series:
+    """P(abnormal) = 1 - P(normal class), indexed by image_id."""
+    col = f"p:{normal_class}"
+    if col not in probs:
+        raise ValueError(f"probability table has no column {col!r}: is data.normal_class right?")
+    return pd.Series(1.0 - probs[col].to_numpy(np.float64), index=probs["image_id"].to_numpy())
