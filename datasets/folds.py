@@ -1,0 +1,288 @@
+"""Duplicate-aware folds: stratified by study label, grouped by patient AND by identical image.
+
+Why both: out-of-fold predictions are only honest when no image of the validation fold has a twin
+in the training folds. Grouping by patient is the usual guard, but public chest X-ray sets file the
+same case under two patients (in the shared COVID set patients 97 and 178 share four identical
+images), so images with the same pixel hash -- and, optionally, a near-identical perceptual hash --
+are tied together as well. Groups are the connected components of "same patient" OR "same
+duplicate group", so one patient linked to another through a shared image pulls all of both
+patients' images into one fold.
+
+Folds depend on a hashes table (``image_id, pixel_hash, phash``), not on the cache object, so they
+can be computed and tested from any source of hashes.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold
+
+from datasets.table import DataError
+
+LABEL_PREFIX = "y:"
+NO_POSITIVE = -1
+"""Stratum of a labeled image whose study targets are all negative (multilabel)."""
+NO_STUDY_LABEL = -2
+"""Stratum of a labeled-role image without a study label (box-only annotation)."""
+
+
+@dataclass(frozen=True)
+class FoldAssignment:
+    """Folds of the labeled images, the groups that made them, and what was found on the way.
+
+    Attributes:
+        folds: image_id -> fold (0..k-1), labeled-role images only.
+        groups: image_id -> group id, every image of ``items`` (so a caller can also see when an
+            unlabeled or test image is tied to a labeled one).
+        report: JSON-ready dict: counts, cross-patient duplicate groups, label conflicts between
+            identical images, duplicates across roles, fold sizes per stratum, sklearn warnings.
+    """
+
+    folds: pd.Series
+    groups: pd.Series
+    report: dict
+
+
+# ---------------------------------------------------------------------------- duplicate groups
+
+
+def _phash_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Perceptual hashes (hex strings or ints, at most 64 bits) -> (uint64 codes, valid mask)."""
+    codes = np.zeros(len(values), dtype=np.uint64)
+    valid = np.zeros(len(values), dtype=bool)
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
+            continue
+        try:
+            code = int(value, 16) if isinstance(value, str) else int(value)
+        except ValueError:
+            raise DataError(f"hashes: phash {value!r} is neither a hex string nor an integer") from None
+        if not 0 <= code < 2**64:
+            raise DataError(f"hashes: phash {value!r} does not fit in 64 bits")
+        codes[i], valid[i] = code, True
+    return codes, valid
+
+
+def _near_pairs(codes: np.ndarray, max_distance: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j) whose Hamming distance is at most ``max_distance``, in memory-bounded chunks."""
+    rows, cols = [], []
+    for start in range(0, len(codes), chunk):
+        distance = np.bitwise_count(codes[start:start + chunk, None] ^ codes[None, :])
+        i, j = np.nonzero(distance <= max_distance)
+        i += start
+        keep = j > i
+        rows.append(i[keep])
+        cols.append(j[keep])
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def _components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes, numbered by first appearance."""
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return pd.factorize(labels)[0]
+
+
+def duplicate_groups(hashes: pd.DataFrame, phash_max_distance: int = 0) -> pd.Series:
+    """image_id -> duplicate group id: identical pixel hashes, plus near perceptual hashes if asked.
+
+    Args:
+        hashes: columns image_id, pixel_hash, phash (64-bit hex string or int; may be missing).
+        phash_max_distance: link images whose perceptual hashes differ in at most this many bits;
+            0 keeps only pixel-identical images together (a perceptual hash also matches images
+            that are merely similar, e.g. two follow-up films of one patient).
+
+    Returns:
+        Series indexed by image_id, named "duplicate_group"; an image without hashes is alone.
+    """
+    missing = {"image_id", "pixel_hash", *(["phash"] if phash_max_distance > 0 else [])} - set(hashes.columns)
+    if missing:
+        raise DataError(f"hashes: missing columns {sorted(missing)}; found {list(hashes.columns)}")
+    ids = hashes["image_id"].astype(str)
+    if ids.duplicated().any():
+        raise DataError(f"hashes: duplicated image_id {ids[ids.duplicated()].iloc[0]!r}")
+    codes = pd.factorize(hashes["pixel_hash"])[0]  # missing hash -> -1
+    first = pd.Series(np.arange(len(codes))).groupby(codes).transform("min").to_numpy()
+    same = (codes >= 0) & (first != np.arange(len(codes)))
+    rows, cols = [np.arange(len(codes))[same]], [first[same]]
+    if phash_max_distance > 0:
+        phash, valid = _phash_codes(hashes["phash"])
+        index = np.flatnonzero(valid)
+        i, j = _near_pairs(phash[index], phash_max_distance)
+        rows.append(index[i])
+        cols.append(index[j])
+    labels = _components(len(ids), np.concatenate(rows), np.concatenate(cols))
+    return pd.Series(labels, index=pd.Index(ids, name="image_id"), name="duplicate_group")
+
+
+# ---------------------------------------------------------------------------- groups + folds
+
+
+def _check_items(items: pd.DataFrame) -> list[str]:
+    """The study-target columns of ``items``; DataError when a needed column is missing."""
+    missing = [c for c in ("image_id", "patient_id", "role") if c not in items.columns]
+    label_cols = [c for c in items.columns if str(c).startswith(LABEL_PREFIX)]
+    if missing or not label_cols:
+        raise DataError(f"assign_folds: items lack columns {missing or ['y:<class>']}; found {list(items.columns)}")
+    duplicated = items["image_id"][items["image_id"].duplicated()]
+    if len(duplicated):
+        raise DataError(f"assign_folds: duplicated image_id {duplicated.iloc[0]!r}")
+    return label_cols
+
+
+def patient_duplicate_groups(items: pd.DataFrame, duplicates: pd.Series) -> pd.Series:
+    """image_id -> group: connected components of (same patient) OR (same duplicate group).
+
+    Nodes are images, patients and duplicate groups; an image is linked to its patient and to its
+    duplicate group, so components join every image reachable through either relation.
+    """
+    ids = items["image_id"].astype(str).to_numpy()
+    patients = items["patient_id"].astype(str).where(items["patient_id"].notna() & (items["patient_id"] != ""),
+                                                     "image:" + items["image_id"].astype(str))
+    patient_codes = pd.factorize(patients)[0]
+    dup = duplicates.reindex(ids)
+    dup_codes = np.where(dup.notna(), pd.factorize(dup)[0], -1)
+    n, n_pat = len(ids), patient_codes.max(initial=-1) + 1
+    has_dup = dup_codes >= 0
+    rows = np.concatenate([np.arange(n), np.arange(n)[has_dup]])
+    cols = np.concatenate([n + patient_codes, n + n_pat + dup_codes[has_dup]])
+    labels = _components(n + n_pat + dup_codes.max(initial=-1) + 1, rows, cols)[:n]
+    return pd.Series(pd.factorize(labels)[0], index=pd.Index(ids, name="image_id"), name="group")
+
+
+def fold_strata(targets: np.ndarray) -> np.ndarray:
+    """Stratum per image: the first class whose target is >= 0.5 (the argmax for one-hot labels).
+
+    Multilabel targets with no positive class get ``NO_POSITIVE``; rows without a study label
+    (NaN) get ``NO_STUDY_LABEL``, so box-only images are spread over the folds too.
+    """
+    targets = np.asarray(targets, dtype=np.float64)
+    positive = np.nan_to_num(targets, nan=0.0) >= 0.5
+    strata = np.where(positive.any(axis=1), positive.argmax(axis=1), NO_POSITIVE)
+    return np.where(np.isnan(targets).all(axis=1), NO_STUDY_LABEL, strata)
+
+
+def _split(strata: np.ndarray, groups: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Fold per row with StratifiedGroupKFold; sklearn's warnings are returned for the report."""
+    n_groups = len(np.unique(groups))
+    if n_groups < k:
+        raise DataError(f"assign_folds: only {n_groups} patient/duplicate groups among the labeled images, "
+                        f"fewer than k={k} folds")
+    folds = np.full(len(strata), -1, dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for fold, (_, val) in enumerate(splitter.split(np.zeros(len(strata)), strata, groups)):
+            folds[val] = fold
+    return folds, [str(w.message) for w in caught]
+
+
+def assign_folds(items: pd.DataFrame, hashes: pd.DataFrame, k: int, seed: int,
+                 phash_max_distance: int = 0) -> FoldAssignment:
+    """k folds of the labeled images, stratified by study label, never splitting a patient or duplicate.
+
+    Args:
+        items: image_id, patient_id, role and the ``y:<class>`` study targets (an ItemTable's items).
+        hashes: image_id, pixel_hash, phash for (at least) the items' images; images without a
+            hash are only grouped by patient (and listed in the report).
+        k: number of folds.
+        seed: shuffling seed of StratifiedGroupKFold.
+        phash_max_distance: see :func:`duplicate_groups`.
+
+    Raises:
+        DataError: a needed column is missing, or there are fewer groups than folds.
+    """
+    label_cols = _check_items(items)
+    items = items.assign(image_id=items["image_id"].astype(str))
+    hashes = hashes.assign(image_id=hashes["image_id"].astype(str))
+    duplicates = duplicate_groups(hashes[hashes["image_id"].isin(set(items["image_id"]))], phash_max_distance)
+    groups = patient_duplicate_groups(items, duplicates)
+    labeled = items[items["role"] == "labeled"]
+    strata = fold_strata(labeled[label_cols].to_numpy(dtype=np.float64))
+    folds, caught = _split(strata, groups.loc[labeled["image_id"]].to_numpy(), k, seed)
+    folds = pd.Series(folds, index=pd.Index(labeled["image_id"], name="image_id"), name="fold")
+    report = _report(items, duplicates, groups, folds, strata, label_cols, k=k, seed=seed,
+                     phash_max_distance=phash_max_distance)
+    report["warnings"] = caught
+    return FoldAssignment(folds=folds, groups=groups, report=report)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _describe(targets: pd.Series, label_cols: list[str]) -> str:
+    """Readable study label: the positive class names joined by '+', 'none' or 'unlabeled'."""
+    values = targets[label_cols].to_numpy(dtype=np.float64)
+    if np.isnan(values).all():
+        return "unlabeled"
+    names = [c[len(LABEL_PREFIX):] for c, v in zip(label_cols, values) if v >= 0.5]
+    return "+".join(names) or "none"
+
+
+def _duplicate_findings(items: pd.DataFrame, duplicates: pd.Series, label_cols: list[str]) -> dict:
+    """Duplicate groups with more than one image: across patients, across roles, and label conflicts.
+
+    A conflict is a pair of duplicates with study labels whose engine targets differ (pairs where
+    one side has no study label are not conflicts: there is nothing to disagree with).
+    """
+    by_id = items.set_index("image_id")
+    cross_patient, cross_role, conflicts, n_groups = [], [], [], 0
+    shared = duplicates[duplicates.map(duplicates.value_counts()) > 1]
+    for _, members in shared.groupby(shared):
+        n_groups += 1
+        rows = by_id.loc[members.index]
+        ids = list(members.index)
+        if rows["patient_id"].nunique() > 1:
+            cross_patient.append({"images": ids, "patients": sorted(rows["patient_id"].astype(str).unique())})
+        if rows["role"].nunique() > 1:
+            cross_role.append({"images": ids, "roles": rows["role"].tolist()})
+        for a, b in itertools.combinations(ids, 2):
+            label_a, label_b = _describe(by_id.loc[a], label_cols), _describe(by_id.loc[b], label_cols)
+            if "unlabeled" not in (label_a, label_b) and label_a != label_b:
+                conflicts.append({"image_a": a, "image_b": b, "label_a": label_a, "label_b": label_b})
+    return {"duplicate_groups": n_groups, "cross_patient_duplicates": cross_patient,
+            "cross_role_duplicates": cross_role, "label_conflicts": conflicts}
+
+
+def _report(items: pd.DataFrame, duplicates: pd.Series, groups: pd.Series, folds: pd.Series, strata: np.ndarray,
+            label_cols: list[str], **settings) -> dict:
+    labeled = items[items["role"] == "labeled"]
+    per_fold = pd.crosstab(folds.to_numpy(), strata)
+    return {
+        **settings,
+        "labeled_images": int(len(labeled)),
+        "labeled_patients": int(labeled["patient_id"].nunique()),
+        "labeled_groups": int(groups.loc[labeled["image_id"]].nunique()),
+        "images_without_hash": sorted(set(items["image_id"]) - set(duplicates.index)),
+        **_duplicate_findings(items, duplicates, label_cols),
+        "fold_sizes": {str(f): int(n) for f, n in folds.value_counts().sort_index().items()},
+        "fold_strata": {str(f): {str(s): int(n) for s, n in row.items()} for f, row in per_fold.iterrows()},
+    }
+
+
+def check_no_leak(folds: pd.Series, groups: pd.Series) -> None:
+    """Raise DataError if any group has images in two folds (a run-time guard of the cycle).
+
+    Args:
+        folds: image_id -> fold.
+        groups: image_id -> group id (FoldAssignment.groups); every image in ``folds`` needs one.
+    """
+    group_of = groups.reindex(folds.index)
+    if group_of.isna().any():
+        raise DataError(f"fold leak check: image {group_of.index[group_of.isna()][0]!r} has no group")
+    frame = pd.DataFrame({"fold": folds.to_numpy(), "group": group_of.to_numpy()}, index=folds.index)
+    spread = frame.groupby("group")["fold"].nunique()
+    if (spread > 1).any():
+        group = spread.index[spread > 1][0]
+        members = frame[frame["group"] == group]
+        shown = ", ".join(f"{i} (fold {f})" for i, f in members["fold"].head(6).items())
+        spanned = sorted(members["fold"].unique().tolist())
+        raise DataError(f"fold leak: group {group} straddles folds {spanned}: {shown}")
