@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # never let ultralytics reach the network
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # nor albumentations (it checks PyPI on import)
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
 PRESETS = Path(__file__).resolve().parent / "teacher_student" / "presets"

@@ -16,7 +16,7 @@ import torch
 from datasets.adapters import training_boxes
 from datasets.boxes import BOX_COLUMNS
 from datasets.table import DataError, ItemTable
-from loops.det_metrics import greedy_match, mean_average_precision
+from loops.det_metrics import mean_average_precision, true_positive_mask
 from loops.stages import read_table, write_json, write_table
 from teacher_student import pseudo
 from teacher_student.config import EngineConfig, ladder_value
@@ -107,16 +107,8 @@ def predict_generation(
 
 
 def mark_true_positives(pred: pd.DataFrame, gt: pd.DataFrame, *, iou_thr: float) -> pd.DataFrame:
-    """Add ``true_positive`` to predictions: matched (greedy, by score) to a free GT box of the same
-    class on the same image. The same matching rule as the mAP metric."""
-    out = pred.copy()
-    out["true_positive"] = False
-    gt_groups = {k: v[BOX_COLUMNS].to_numpy() for k, v in gt.groupby(["image_id", "class_id"])}
-    for key, group in out.groupby(["image_id", "class_id"]):
-        group = group.sort_values("score", ascending=False, kind="mergesort")
-        hits = greedy_match(group[BOX_COLUMNS].to_numpy(), gt_groups.get(key, np.zeros((0, 4))), iou_thr=iou_thr)
-        out.loc[group.index, "true_positive"] = hits
-    return out
+    """Predictions with a ``true_positive`` column (the mAP metric's matching rule)."""
+    return pred.assign(true_positive=true_positive_mask(pred, gt, iou_thr=iou_thr))
 
 
 def evaluate(table: ItemTable, gt: pd.DataFrame, pred: pd.DataFrame, image_ids: list[str], iou_thr: float) -> dict | None:

@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates on import
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
 import pytest

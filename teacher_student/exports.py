@@ -1,0 +1,262 @@
+"""``python run_cycle.py export``: a cycle's pseudo labels in the formats other tools read.
+
+Why an export command: pseudo labels are worth reviewing, re-using and training on outside this
+engine (a radiologist's annotation tool reads COCO, ultralytics reads a YOLO folder, a spreadsheet
+reads CSV). Every exported pseudo label keeps its provenance -- the cycle that made it, the
+generation and models that voted for it, and its score -- so that nobody mistakes it for ground truth.
+
+Formats:
+
+``csv``
+    One row per pseudo label: image_id, kind (classifier | box | negative), label, class_id, score,
+    copies, cycle, source, folds (classifier) or models / n_models (boxes), box coordinates
+    (normalized x_min, y_min, x_max, y_max). ``negative`` rows are unlabeled images the detector
+    student learns as "no finding" (no box kept and the classifier confidently normal).
+``yolo``
+    A YOLO dataset folder (``datasets.export.export_yolo``) with the student's detector training
+    set of that cycle: ground-truth boxes of the labeled images plus the kept pseudo boxes and
+    negatives. Images are written as PNGs from the preprocessing cache. ``val`` holds fold 0's
+    box-labeled images (ground truth only), so ``yolo train data=<dest>/data.yaml`` works as is.
+``coco``
+    A COCO detection JSON (``datasets.export.export_coco``) of the pseudo boxes, each annotation
+    with ``score``, ``source``, ``cycle`` and ``models``; ``--include-labeled`` adds the ground truth.
+    File names are ``<image_id>.png`` (as in the YOLO export), not the source paths, whose folders
+    may name patients; boxes are in the source image's pixels.
+``submission``
+    Copies of the final competition CSVs (``final/submission_raw.csv``, ``submission_gated.csv``).
+
+Errors (no such run, cycle not run yet, bad arguments) are one line on stderr with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from datasets.boxes import BOX_COLUMNS
+from datasets.table import DataError, ItemTable, load_table
+from loops.stages import atomic_path, read_json, read_table, write_json, write_table
+from teacher_student.report import check_cycle, cycles_run, default_loader, label_strings, load_run_config
+
+FORMATS = ("csv", "yolo", "coco", "submission")
+CSV_COLUMNS = ["image_id", "kind", "label", "class_id", "score", "copies", "cycle", "source", "folds", "models",
+               "n_models", *BOX_COLUMNS]
+SUBMISSIONS = ("submission_raw.csv", "submission_gated.csv")
+
+EPILOG = """\
+examples:
+  python run_cycle.py export --run runs/demo --cycle 2 --format csv --dest exports/pseudo_c2.csv
+  python run_cycle.py export --run runs/demo --cycle 2 --format yolo --dest exports/yolo_c2
+      then: yolo train data=exports/yolo_c2/data.yaml model=yolov8n.yaml
+  python run_cycle.py export --run runs/demo --cycle 2 --format coco --dest exports/c2.json --include-labeled
+  python run_cycle.py export --run runs/demo --format submission --dest exports/submission
+
+Cycle c's pseudo labels were made by generation c-1's models and trained generation c.
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (and exit code 2), like every other error of this command."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="run_cycle.py export", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      description="Export one cycle's pseudo labels (with provenance: cycle, source models,\n"
+                                  "score) as CSV, a YOLO dataset folder or COCO JSON, or copy the final submissions.")
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory (the run.out / --out of a run)")
+    p.add_argument("--cycle", type=int, metavar="N",
+                   help="cycle whose pseudo labels to export (>= 1; default: the last cycle run)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="csv: pseudo-label table; yolo: dataset folder for ultralytics; coco: detection JSON; "
+                        "submission: the final competition CSVs")
+    p.add_argument("--dest", required=True, metavar="PATH",
+                   help="output file (csv, coco) or folder (yolo, submission); replaced if it exists")
+    p.add_argument("--include-labeled", action="store_true",
+                   help="csv, coco: also write the labeled images' ground truth (source as recorded, score 1). "
+                        "yolo always includes it, as the student's training set does")
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``run_cycle.py export``; returns the exit code (0 ok, 2 error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        dest = export(Path(args.run), args.cycle, args.format, Path(args.dest), include_labeled=args.include_labeled)
+    except (DataError, FileNotFoundError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"wrote {dest}")
+    return 0
+
+
+def export(run_dir: Path, cycle: int | None, fmt: str, dest: Path, *, include_labeled: bool = False) -> Path:
+    """Do one export; return the main file written. Raises DataError (one line) on a bad request."""
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: no such run directory")
+    if fmt == "submission":
+        return copy_submissions(run_dir, dest)
+    if cycle is None:
+        done = cycles_run(run_dir)
+        if not done:
+            raise DataError(f"{run_dir}: no cycle has made pseudo labels yet")
+        cycle = done[-1]
+    if cycle < 1:
+        raise DataError(f"--cycle {cycle}: cycles are numbered from 1 (cycle 0 trains the first teachers only)")
+    pseudo_dir = check_cycle(run_dir, cycle)
+    table = load_table(run_dir / "data")
+    if fmt == "csv":
+        frame = pseudo_rows(table, pseudo_dir, cycle)
+        if include_labeled:
+            frame = pd.concat([ground_truth_rows(table, run_dir), frame], ignore_index=True)
+        write_table(dest, frame[CSV_COLUMNS])
+        return dest
+    if not table.box_classes or not (pseudo_dir / "box_pseudo.csv").exists():
+        raise DataError(f"{pseudo_dir}: this run has no pseudo boxes (detector disabled), so there is nothing to "
+                        f"export as {fmt}; use --format csv")
+    if fmt == "coco":
+        return export_coco_file(run_dir, table, pseudo_dir, dest, include_labeled=include_labeled)
+    return export_yolo_folder(run_dir, table, pseudo_dir, dest)
+
+
+# ----------------------------------------------------------------------------- csv
+
+
+def pseudo_rows(table: ItemTable, pseudo_dir: Path, cycle: int) -> pd.DataFrame:
+    """The cycle's pseudo labels as one provenance table (classifier labels, boxes, negatives)."""
+    cls = read_table(pseudo_dir / "class_pseudo.csv", dtype={"folds": str})
+    frames = [pd.DataFrame({"image_id": cls["image_id"], "kind": "classifier", "label": cls["label"],
+                            "class_id": cls["class_index"], "score": cls["confidence"], "copies": cls["copies"],
+                            "cycle": cls["cycle"], "source": cls["source"], "folds": cls["folds"]})]
+    if (pseudo_dir / "box_pseudo.csv").exists():
+        boxes = read_table(pseudo_dir / "box_pseudo.csv")
+        names = np.array(table.box_classes, dtype=object)
+        frames.append(boxes.assign(kind="box", label=names[boxes["class_id"].to_numpy(int)] if len(boxes) else [],
+                                   copies=1))
+        frames.append(negative_rows(pseudo_dir, cycle))
+    frames = [f.reindex(columns=CSV_COLUMNS) for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CSV_COLUMNS)
+
+
+def negative_rows(pseudo_dir: Path, cycle: int) -> pd.DataFrame:
+    """Unlabeled images taught as "no finding": no pseudo box kept and the classifier confidently
+    normal. Score = 1 - P(abnormal), the classifier's confidence that the image is normal."""
+    images = read_table(pseudo_dir / "box_images.csv")
+    neg = images[images["status"] == "negative"]
+    return pd.DataFrame({"image_id": neg["image_id"], "kind": "negative", "label": "no finding",
+                         "score": 1.0 - neg["p_abnormal"].astype(float), "copies": 1, "cycle": cycle,
+                         "source": f"gen{cycle - 1}/detector+classifier"})
+
+
+def ground_truth_rows(table: ItemTable, run_dir: Path) -> pd.DataFrame:
+    """Labeled images' study labels and ground-truth boxes in the same columns (cycle 0, score 1)."""
+    from datasets.adapters import training_boxes
+
+    labeled = table.items[(table.items["role"] == "labeled") & table.items["has_study_label"]]
+    names = list(table.study_classes)
+    y = table.study_targets(labeled["image_id"])
+    study = pd.DataFrame({"image_id": labeled["image_id"].to_numpy(), "kind": "classifier",
+                          "label": label_strings(y, names, mode=table.label_mode),
+                          "class_id": y.argmax(axis=1) if len(y) else [], "score": 1.0, "copies": 1, "cycle": 0,
+                          "source": "ground truth"})
+    boxed = set(table.items.loc[(table.items["role"] == "labeled") & table.items["box_labeled"], "image_id"])
+    gt = training_boxes(table)
+    gt = gt[gt["image_id"].isin(boxed)]
+    box_names = np.array(table.box_classes, dtype=object)
+    boxes = gt.assign(kind="box", label=box_names[gt["class_id"].to_numpy(int)] if len(gt) else [], score=1.0,
+                      copies=1, cycle=0, source=gt["source"].fillna("ground truth"))
+    return pd.concat([study, boxes], ignore_index=True).reindex(columns=CSV_COLUMNS)
+
+
+# ----------------------------------------------------------------------------- coco / yolo
+
+
+def pseudo_boxes_with_negatives(pseudo_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Kept pseudo boxes and the image ids the student detector trains on (boxes + negatives)."""
+    boxes = read_table(pseudo_dir / "box_pseudo.csv")
+    images = read_table(pseudo_dir / "box_images.csv")
+    ids = images.loc[images["status"].isin(["boxes", "negative"]), "image_id"].tolist()
+    return boxes[boxes["image_id"].isin(set(ids))].reset_index(drop=True), ids
+
+
+def labeled_box_ids(table: ItemTable) -> list[str]:
+    items = table.items
+    return items.loc[(items["role"] == "labeled") & items["box_labeled"], "image_id"].tolist()
+
+
+def image_sizes(run_dir: Path, table: ItemTable, ids: list[str]) -> dict[str, tuple[int, int]]:
+    """(width, height) of the source images: the item table's columns, else the cache's record."""
+    items = table.items.set_index("image_id")
+    if {"width", "height"} <= set(items.columns) and items.loc[ids, ["width", "height"]].notna().all().all():
+        return {i: (int(w), int(h)) for i, (w, h) in zip(ids, items.loc[ids, ["width", "height"]].to_numpy())}
+    from datasets.cache import ImageCache
+
+    cfg, _ = load_run_config(run_dir)
+    info = ImageCache(Path(cfg.run.cache_dir) if cfg.run.cache_dir else run_dir / "cache", cfg.preprocess).info()
+    info = info.set_index("image_id")
+    missing = [i for i in ids if i not in info.index]
+    if missing:
+        raise DataError(f"{run_dir}: image size unknown for {missing[0]} (no width/height column and not in the cache)")
+    return {i: (int(info.loc[i, "width"]), int(info.loc[i, "height"])) for i in ids}
+
+
+def export_coco_file(run_dir: Path, table: ItemTable, pseudo_dir: Path, dest: Path, *, include_labeled: bool) -> Path:
+    """COCO JSON of the pseudo boxes (+ ground truth); every annotation carries score/source/cycle/models."""
+    from datasets.adapters import training_boxes
+    from datasets.export import export_coco
+
+    boxes, ids = pseudo_boxes_with_negatives(pseudo_dir)
+    if include_labeled:
+        gt_ids = labeled_box_ids(table)
+        gt = training_boxes(table)
+        gt = gt[gt["image_id"].isin(set(gt_ids))].assign(score=1.0, cycle=0, models="")
+        boxes, ids = pd.concat([gt, boxes], ignore_index=True), gt_ids + ids
+    items = pd.DataFrame({"image_id": ids, "file_name": [f"{i}.png" for i in ids]})
+    with atomic_path(dest) as tmp:
+        export_coco(items, boxes, table.box_classes, tmp, sizes=image_sizes(run_dir, table, ids), score_column="score")
+        data = read_json(tmp)
+        kept = boxes[boxes["image_id"].isin(set(ids))].reset_index(drop=True)
+        for ann, row in zip(data["annotations"], kept.itertuples(index=False)):
+            ann["cycle"] = int(row.cycle)
+            ann["models"] = "" if pd.isna(row.models) else str(row.models)
+        write_json(tmp, data)
+    return dest
+
+
+def export_yolo_folder(run_dir: Path, table: ItemTable, pseudo_dir: Path, dest: Path) -> Path:
+    """The student detector's training set of this cycle as a YOLO folder; val = fold 0's ground truth."""
+    from datasets.adapters import training_boxes
+    from datasets.export import export_yolo
+
+    folds = read_table(run_dir / "data" / "folds.csv").set_index("image_id")["fold"]
+    gt_ids = [i for i in labeled_box_ids(table) if i in folds.index]
+    boxes, pseudo_ids = pseudo_boxes_with_negatives(pseudo_dir)
+    gt = training_boxes(table)
+    all_boxes = pd.concat([gt[gt["image_id"].isin(set(gt_ids))], boxes], ignore_index=True)
+    split = {i: ("val" if folds[i] == 0 else "train") for i in gt_ids} | dict.fromkeys(pseudo_ids, "train")
+    cfg, _ = load_run_config(run_dir)
+    load = default_loader(run_dir, cfg)
+    items = pd.DataFrame({"image_id": list(split)})
+    return export_yolo(items, all_boxes, table.box_classes, load, dest, split_of=split)
+
+
+# ----------------------------------------------------------------------------- submission
+
+
+def copy_submissions(run_dir: Path, dest: Path) -> Path:
+    """Copy the final submission CSVs (and gate.json, which says how they were gated) into ``dest``."""
+    final = run_dir / "final"
+    found = [final / name for name in SUBMISSIONS if (final / name).exists()]
+    if not found:
+        raise DataError(f"{final}: no final submissions yet (the run has not finished its last cycle)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in found + ([final / "gate.json"] if (final / "gate.json").exists() else []):
+        with atomic_path(dest / src.name) as tmp:
+            shutil.copyfile(src, tmp)
+    return dest
