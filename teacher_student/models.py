@@ -1,0 +1,126 @@
+"""timm classifier factory: one input channel, optional noise, three ways to initialise.
+
+Radiographs are single-channel, so every model is built with ``in_chans=1`` (timm sums the RGB
+filters of the first convolution when it loads 3-channel weights; we do the same for local state
+dicts). Noise for students (dropout before the head, stochastic depth) is set here, at build time,
+because timm wires it into the blocks.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import adapt_input_conv
+from torch import nn
+
+from datasets.table import DataError
+
+log = logging.getLogger(__name__)
+
+TINY_LADDER = ("test_efficientnet", "mobilenetv3_small_050", "mobilenetv4_conv_small", "efficientnet_b0")
+"""A four-rung ladder that trains at 64 px on a CPU in seconds (demo and tests); each rung is larger
+than the one before and all of them support stochastic depth. Production ladders live in the
+config (``ClassifierConfig.ladder``)."""
+
+
+def create_classifier(
+    name: str,
+    num_classes: int,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    pretrained: str = "",
+) -> nn.Module:
+    """Build a timm classifier with one input channel.
+
+    Args:
+        name: any timm model name (``timm.list_models()``).
+        num_classes: size of the classification head.
+        drop_rate: dropout before the classifier (student noise).
+        drop_path_rate: stochastic depth; models without it (VGG, DenseNet...) log a warning and
+            are built without it rather than failing, since the rest of the noise still applies.
+        pretrained: "" random init (the default: tests and the demo run offline); "timm" timm's
+            own weights (downloads); any other value is the path of a local state dict or checkpoint.
+
+    Raises:
+        ValueError: unknown model name (with a "did you mean" hint) or bad num_classes.
+        DataError: the weights file is missing or unreadable.
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"unknown timm model {name!r}{hint}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    # timm drops kwargs that are None, so an unused noise setting is never passed at all.
+    noise = {"drop_rate": drop_rate or None, "drop_path_rate": drop_path_rate or None}
+    model = _build(name, num_classes=num_classes, pretrained=pretrained == "timm", **noise)
+    if pretrained not in ("", "timm"):
+        load_weights(model, pretrained)
+    return model
+
+
+def _build(name: str, *, num_classes: int, pretrained: bool, **noise: float | None) -> nn.Module:
+    """timm.create_model, retried without any noise kwarg the model class does not accept."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=1, **noise)
+    except TypeError as err:
+        rejected = [k for k, v in noise.items() if v is not None and k in str(err)]
+        if not rejected:
+            raise
+        log.warning("%s does not support %s; built without it", name, ", ".join(rejected))
+        kept = {k: v for k, v in noise.items() if k not in rejected}
+        return _build(name, num_classes=num_classes, pretrained=pretrained, **kept)
+    except Exception as err:  # network or hub failures when pretrained weights are requested
+        if not pretrained:
+            raise
+        raise RuntimeError(f"could not get timm pretrained weights for {name!r} (is there network access?): {err}") from err
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local state dict (or a checkpoint holding one) into ``model``, leniently.
+
+    Why lenient: a state dict from ImageNet training or from a teacher with another head is the
+    normal case. A 3-channel first convolution is summed to one channel (as timm does), tensors
+    whose shape differs (the head) are skipped, and one log line says what did not load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: pretrained weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        raise DataError(f"{path}: not a readable torch state dict ({type(err).__name__}: {first})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{path}: holds a {type(state).__name__} that is not a state dict of tensors")
+    own = model.state_dict()
+    first_conv = f"{model.pretrained_cfg.get('first_conv', '')}.weight"
+    kept, skipped = {}, []
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key in own and own[key].shape != value.shape:
+            if key == first_conv and value.ndim == 4:
+                value = adapt_input_conv(own[key].shape[1], value)
+            else:
+                skipped.append(key)
+                continue
+        kept[key] = value
+    if not set(kept) & set(own):
+        raise DataError(f"{path}: none of its {len(state)} tensor names belong to this model (another architecture?)")
+    result = model.load_state_dict(kept, strict=False)
+    # a new head is expected (skipped for shape); anything else missing or extra deserves a warning
+    level = logging.WARNING if set(result.missing_keys) - set(skipped) or result.unexpected_keys else logging.INFO
+    log.log(
+        level, "loaded %s: %d tensors, %d missing %s, %d unexpected %s, %d skipped for shape %s",
+        path, len(kept) - len(result.unexpected_keys), len(result.missing_keys), result.missing_keys[:3],
+        len(result.unexpected_keys), result.unexpected_keys[:3], len(skipped), skipped[:3],
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
