@@ -28,6 +28,8 @@ setup(
         "matplotlib",
         "cleanlab>=2.6",
         "tqdm",
+        "threadpoolctl",
+        "scipy",
         "pyyaml",
     ],
     extras_require={
