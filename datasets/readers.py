@@ -36,6 +36,7 @@ the file. Non-radiograph modalities (MR, CT, NM...) still read; ``dicom_modality
 """
 from __future__ import annotations
 
+import sys
 import hashlib
 import importlib.util
 import os
@@ -194,7 +195,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         if "Rows" not in ds or "Columns" not in ds:
             raise DataError(f"{path}: DICOM header has no Rows/Columns")
         return int(ds.Columns), int(ds.Rows)
-    with _as_data_error(path, "reading the image header"), Image.open(path) as im:
+    with _as_data_error(path, "reading the image header"), _pil_open(path) as im:
         return int(im.size[0]), int(im.size[1])
 
 
@@ -332,10 +333,22 @@ def _plain(value):
 
 # ---------------------------------------------------------------------------- PNG / JPEG
 
+RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+"""Pillow formats a radiograph may come in; an unknown file fails fast instead of trying plugins."""
+
+
+def _pil_open(path: Path):
+    """Pillow's own ``Image.open``. Importing ultralytics replaces it process-wide with a version
+    that, on a file Pillow cannot identify, tries to pip-install a HEIF plugin; a reader must fail
+    with one line instead, and never reach for the network."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    opener = getattr(patches, "_image_open", Image.open)
+    return opener(path, formats=RASTER_FORMATS)
+
 
 def _read_raster(path: Path) -> np.ndarray:
     """PNG/JPEG (anything Pillow opens) -> float32 [0, 1], scaled by the stored dtype's maximum."""
-    with _as_data_error(path, "decoding the image"), Image.open(path) as im:
+    with _as_data_error(path, "decoding the image"), _pil_open(path) as im:
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im).astype(np.float32) / np.float32(65535.0)
