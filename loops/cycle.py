@@ -515,4 +515,20 @@ def run_cycles(cfg: EngineConfig) -> dict:
                "stages": [{k: r[k] for k in ("path", "seconds", "skipped")} for r in run.records],
                "wall_seconds": round(time.perf_counter() - started, 1)}
     write_json(run.out / "summary.json", summary)
+    write_reports(run, cfg.run.cycles)
     return summary
+
+
+def write_reports(run: Run, cycles: int) -> None:
+    """Per-cycle pseudo-label quality reports and the index. A report that fails is logged, not
+    fatal: the run's results are already on disk and a report can be rebuilt from them."""
+    from teacher_student.report import write_cycle_report, write_index
+
+    load = run.load_for({"preprocess": config_to_dict(run.cfg.preprocess)})
+    for cycle in range(1, cycles + 1):
+        try:
+            path = write_cycle_report(run.out, cycle, load=load)
+            log.info("report %s", path)
+        except Exception as err:  # noqa: BLE001 - reports must never lose a finished run
+            log.error("cycle %d report failed: %s: %s", cycle, type(err).__name__, err)
+    write_index(run.out)

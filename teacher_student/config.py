@@ -156,6 +156,9 @@ class DetectorConfig:
     """An unlabeled image with no kept box and P(abnormal) below this becomes a negative."""
     randaugment_n: tuple[int, ...] = (0, 2, 2, 3)
     randaugment_m: tuple[int, ...] = (0, 6, 9, 12)
+    hflip: bool = True
+    """Flip augmentation and flip TTA for the detector. Turn off for lateralised classes
+    ("Right Lung" / "Left Lung"): a flipped right lung is a left lung."""
     workers: int = 0
 
 

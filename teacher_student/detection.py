@@ -51,7 +51,8 @@ def train_fold(
     seed = cfg.run.seed * 1000 + gen * 10 + fold
     result = detector.fit(train_ids, val_ids, boxes, load, out_dir / "work", epochs=dc.epochs, batch_size=dc.batch_size,
                           lr=dc.lr, img_size=dc.img_size, randaugment_n=ladder_value(dc.randaugment_n, gen),
-                          randaugment_m=ladder_value(dc.randaugment_m, gen), device=str(device), seed=seed, log=log)
+                          randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip, device=str(device), seed=seed,
+                          log=lambda record: log(format_epoch(record)))
     detector.save(out_dir / "detector.pt")
     (out_dir / "train_ids.txt").write_text("\n".join(sorted(set(train_ids))) + "\n")
     return {"model": name, "train_images": len(set(train_ids)), "train_boxes": int(len(boxes)),
@@ -61,7 +62,7 @@ def train_fold(
 def predict_views(detector, ids: list[str], load: Callable, cfg: EngineConfig, device: torch.device, tag: str) -> pd.DataFrame:
     if not ids:
         return pd.DataFrame(columns=[*BOX_OUT, "model"])
-    raw = detector.predict(ids, load, tta_hflip=cfg.augment.tta_hflip, conf_floor=cfg.detector.conf_floor,
+    raw = detector.predict(ids, load, tta_hflip=tta_flip(cfg), conf_floor=cfg.detector.conf_floor,
                            device=str(device), batch_size=cfg.detector.batch_size)
     return raw.assign(model=[f"{tag}/{v}" for v in raw["view"]])[[*BOX_OUT, "model"]]
 
@@ -73,7 +74,22 @@ def fuse(cfg: EngineConfig, raw: pd.DataFrame, models: list[str], workers: int) 
 
 
 def view_names(cfg: EngineConfig, tag: str) -> list[str]:
-    return [f"{tag}/orig"] + ([f"{tag}/hflip"] if cfg.augment.tta_hflip else [])
+    return [f"{tag}/orig"] + ([f"{tag}/hflip"] if tta_flip(cfg) else [])
+
+
+def tta_flip(cfg: EngineConfig) -> bool:
+    return cfg.augment.tta_hflip and cfg.detector.hflip
+
+
+def format_epoch(record) -> str:
+    """One readable log line from a detector's per-epoch record (a dict of losses and metrics)."""
+    if not isinstance(record, dict):
+        return str(record)
+    parts = [f"detector epoch {record.get('epoch', '?')}/{record.get('epochs', '?')}"]
+    for key, value in record.items():
+        if key not in ("epoch", "epochs", "final") and isinstance(value, (int, float)):
+            parts.append(f"{key.replace('metrics/', '').replace('(B)', '')} {value:.4g}")
+    return " | ".join(parts)
 
 
 def predict_generation(
