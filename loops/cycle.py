@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 import yaml
 
-from datasets.table import DataError, ItemTable, load_table, save_table
-from loops.stages import Stage, read_json, read_table, write_json, write_table
+from datasets.table import DataError, ItemTable, Quarantine, load_table, save_table
+from loops.stages import Stage, atomic_path, read_json, read_table, write_json, write_table
 from teacher_student import classification as cls
 from teacher_student import detection as det
 from teacher_student import gating, pseudo
@@ -117,12 +117,16 @@ def prepare(cfg: EngineConfig) -> Run:
 
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     root = Path(cfg.data.root)
     if cfg.data.format == "demo":
         from datasets.demo import make_demo_dataset
 
-        make_demo_dataset(root)
+        if len(cfg.data.demo_counts) != 3:
+            raise DataError("data.demo_counts: give three numbers: labeled, unlabeled, test")
+        labeled, unlabeled, test = cfg.data.demo_counts
+        make_demo_dataset(root, n_labeled=labeled, n_unlabeled=unlabeled, n_test=test, size=cfg.data.demo_image_size)
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist (set --data or data.root)")
     cache = ImageCache(Path(cfg.run.cache_dir or out / "cache"), cfg.preprocess)
@@ -130,6 +134,9 @@ def prepare(cfg: EngineConfig) -> Run:
     def build(stage_dir: Path) -> dict:
         table = load_dataset(cfg.data)
         failures = cache.build(table.items[["image_id", "path"]], workers=cfg.run.workers)
+        if cfg.data.on_bad_input == "error" and len(failures):  # decoding found what headers could not
+            bad = failures.iloc[0]
+            Quarantine("error").reject(bad["path"], None, bad["image_id"], bad["problem"])
         table = drop_unreadable(table, failures)
         fa = assign_folds(table.with_role("labeled"), cache.hashes(), k=cfg.folds.k, seed=cfg.folds.seed,
                           phash_max_distance=cfg.folds.phash_max_distance)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from contextlib import contextmanager
@@ -94,11 +95,35 @@ def read_table(path: str | Path, **kwargs: Any) -> pd.DataFrame:
     return pd.read_csv(path, dtype={**ID_COLUMNS, **kwargs.pop("dtype", {})}, keep_default_na=True, **kwargs)
 
 
+FAULT_ENV = "CXR_FAULT"
+"""Fault injection for the kill/resume tests: ``CXR_FAULT=<stage path>@<point>`` SIGKILLs the process
+at that point of that stage (path relative to the run, e.g. ``gen0/classifier/fold1@outputs``).
+Points: ``start`` (nothing written), ``outputs`` (outputs complete in the temporary directory, not
+yet swapped in), ``swapped`` (outputs in place, marker not yet written). Unset, it costs one lookup."""
+
+
+def _fault_point(stage_dir: Path, point: str) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or "@" not in spec:
+        return
+    where, when = spec.rsplit("@", 1)
+    if when == point and stage_dir.as_posix().endswith("/" + where.strip("/")):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_leftovers(stage_dir: Path) -> None:
+    """Delete temporary directories/files a killed run left beside a stage (never read, only removed)."""
+    for leftover in stage_dir.parent.glob(f".{stage_dir.name}.*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
 class Stage:
     """One resumable step: ``Stage(dir, name, fingerprint).run(fn)`` calls ``fn(out_dir)`` once.
 
     ``fn`` writes its outputs into the directory it is given (a temporary one, swapped in whole on
     success) and may return a JSON-able record that is stored in the marker and returned on reruns.
+    A stage is done only when its directory and a marker with the same fingerprint both exist, so
+    a kill at any moment leaves either the old state or the new one, never half of it.
     """
 
     def __init__(self, root: str | Path, name: str, fingerprint: str):
@@ -122,9 +147,13 @@ class Stage:
             return record
         if self.marker.exists():
             self.marker.unlink()
+        remove_leftovers(self.dir)
         start = time.perf_counter()
         with atomic_dir(self.dir) as tmp:
+            _fault_point(self.dir, "start")
             result = fn(tmp)
+            _fault_point(self.dir, "outputs")
+        _fault_point(self.dir, "swapped")
         record = {"stage": self.name, "fingerprint": self.fingerprint, "seconds": round(time.perf_counter() - start, 3), "result": result}
         write_json(self.marker, record)
         record["skipped"] = False

@@ -45,6 +45,9 @@ class DataConfig:
     fuse_radiologists: bool = True
     """VinBigData: fuse the boxes of several radiologists with WBF (as the top solutions did)."""
     radiologist_iou_thr: float = 0.4
+    demo_counts: tuple[int, ...] = (120, 360, 120)
+    """Demo format only: labeled, unlabeled and held-out test images generated into root."""
+    demo_image_size: int = 256
     on_bad_input: Literal["quarantine", "error"] = "quarantine"
     """quarantine: bad rows are set aside and reported; error: the first bad row stops the run."""
 

@@ -282,9 +282,33 @@ def _offline_ultralytics(device: torch.device):
     data_utils.check_font = lambda *args, **kwargs: None
     trainer_mod.check_amp = lambda model: device.type == "cuda"
     try:
-        yield
+        with _torch_globals_kept():
+            yield
     finally:
         data_utils.check_font, trainer_mod.check_amp = saved
+
+
+@contextlib.contextmanager
+def _torch_globals_kept():
+    """Undo the process-wide torch settings ultralytics changes.
+
+    Its device selection calls ``torch.set_num_threads(cpu_count - 1)`` (one thread on a 2-core
+    machine) and its seeding toggles deterministic algorithms. Left alone, everything trained
+    after the first YOLO call in a process runs at half speed, and a resumed run (which skips
+    that YOLO call) rounds differently from an uninterrupted one. YOLO itself runs with the
+    caller's thread count, the cores the user gave the engine.
+    """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    import ultralytics.utils.torch_utils as torch_utils
+
+    saved_threads = torch_utils.NUM_THREADS
+    torch_utils.NUM_THREADS = threads
+    try:
+        yield
+    finally:
+        torch_utils.NUM_THREADS = saved_threads
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def _ultralytics_device(device: torch.device) -> str:
@@ -410,10 +434,11 @@ class YoloDetector(Detector):
         if self._yolo is None:
             self._to_device(self.device)
         arrays = [np.repeat(im[:, :, None], self.channels, axis=2) for im in images]  # (H, W, 1), or gray BGR
-        results = self._yolo.predict(
-            arrays, imgsz=self.img_size, conf=conf_floor, iou=0.6, device=_ultralytics_device(self.device),
-            verbose=False, save=False, batch=len(arrays),
-        )
+        with _torch_globals_kept():
+            results = self._yolo.predict(
+                arrays, imgsz=self.img_size, conf=conf_floor, iou=0.6, device=_ultralytics_device(self.device),
+                verbose=False, save=False, batch=len(arrays),
+            )
         out = []
         for r in results:
             b = r.boxes

@@ -1,0 +1,139 @@
+"""End to end: a tiny real run (timm + YOLO, one cycle), its contracts, and kill/resume.
+
+The kill harness SIGKILLs the command line at named points spread over every stage (the
+``CXR_FAULT`` injection point in loops/stages.py, a real SIGKILL of the process) and once from
+outside while a detector is training, reruns the same command each time, and requires the final
+pseudo labels, predictions and summary to equal those of an uninterrupted run with the same seed.
+``CXR_LONG_TESTS=1`` runs every kill point (the default runs a spread of five to fit CI's time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tiny_run import ROOT, make_tiny_demo, run_cli, write_config
+
+OUTSIDE = "outside: SIGKILL while gen0/detector/fold0 trains"
+# In pipeline order: each rerun resumes and runs on until the next point.
+SHORT_KILLS = ["gen0/classifier/fold1@outputs", OUTSIDE, "gen0/detector/predictions@swapped", "cycle1/pseudo@start",
+               "gen1/classifier/fold0@outputs", "final@outputs"]
+LONG_KILLS = ["data@outputs", "gen0/classifier/fold0@start", "gen0/classifier/fold1@outputs",
+              "gen0/classifier/predictions@swapped", OUTSIDE, "gen0/detector/fold0@outputs",
+              "gen0/detector/predictions@swapped",
+              "cycle1/pseudo@start", "cycle1/pseudo@swapped", "gen1/classifier/fold0@outputs",
+              "gen1/classifier/predictions@outputs", "gen1/detector/fold1@start", "gen1/detector/predictions@outputs",
+              "final@swapped", "oracle/classifier/fold0@outputs", "oracle/detector/predictions@start"]
+COMPARED = ["cycle1/pseudo/class_selection.csv", "cycle1/pseudo/class_pseudo.csv", "cycle1/pseudo/box_pseudo.csv",
+            "cycle1/pseudo/box_images.csv", "gen1/classifier/predictions/oof.csv", "gen1/classifier/predictions/pool.csv",
+            "gen1/detector/predictions/pool_fused.csv", "final/box_predictions_gated.csv", "final/submission_gated.csv"]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    data = make_tiny_demo(base / "demo")
+    config = write_config(base / "tiny.yaml", data)
+    result = run_cli("--config", str(config), "--out", str(base / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base / "run", config, result
+
+
+def comparable_summary(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    summary.pop("wall_seconds")
+    summary.pop("stages")
+    return summary
+
+
+def test_tiny_run_end_to_end(baseline):
+    run, _, result = baseline
+    summary = json.loads((run / "summary.json").read_text())
+    assert [g["generation"] for g in summary["generations"]] == [0, 1]
+    for gen in summary["generations"]:
+        assert gen["classifier"]["oof"]["n"] == 16 and gen["classifier"]["test"]["n"] == 8
+        assert gen["detector"]["test"] is not None and "map" in gen["detector"]["test"]
+    pseudo = summary["cycles"][0]["pseudo"]
+    assert pseudo["classifier"]["unlabeled"] == 16 and pseudo["classifier"]["precision"] is None or \
+        0 <= pseudo["classifier"]["precision"] <= 1
+    assert summary["oracle"]["classifier"]["test"]["n"] == 8
+    assert {"gated", "ungated"} <= set(summary["gate"]["test"])
+    assert (run / "cycle1" / "report.html").stat().st_size > 10_000 and (run / "index.html").exists()
+    for name in ("submission_raw.csv", "submission_gated.csv"):
+        sub = pd.read_csv(run / "final" / name)
+        assert list(sub.columns) == ["image_id", "PredictionString"] and len(sub) == 8
+    assert "AUC oof" in result.stdout and "gen" in result.stdout
+
+
+def test_every_labeled_image_is_predicted_once_by_a_model_that_never_saw_it(baseline):
+    run, _, _ = baseline
+    folds = pd.read_csv(run / "data" / "folds.csv", dtype={"image_id": str}).set_index("image_id")["fold"]
+    groups = pd.read_csv(run / "data" / "groups.csv", dtype={"image_id": str}).set_index("image_id")["group"]
+    assert (groups.groupby(groups).apply(lambda g: folds[g.index].nunique()) == 1).all()
+    for gen in ("gen0", "gen1", "oracle"):
+        oof = pd.read_csv(run / gen / "classifier" / "predictions" / "oof.csv", dtype={"image_id": str})
+        assert sorted(oof["image_id"]) == sorted(folds.index)  # each labeled image exactly once
+        assert (oof["fold"].to_numpy() == folds[oof["image_id"]].to_numpy()).all()
+        for fold in (0, 1):
+            seen = set((run / gen / "classifier" / f"fold{fold}" / "train_ids.txt").read_text().split())
+            assert not seen & set(folds.index[folds == fold])
+            assert seen & set(folds.index[folds != fold])
+
+
+def test_checkpoints_carry_their_preprocessing(baseline):
+    from loops.checkpoint import load_classifier
+
+    run, _, _ = baseline
+    model, meta = load_classifier(run / "gen1" / "classifier" / "fold0" / "checkpoint.pt", "cpu")
+    assert meta["preprocess"]["size"] == 64 and meta["class_names"] == ["No finding", "Abnormal"]
+    assert meta["model_name"] == "test_efficientnet" and meta["drop_rate"] > 0  # the student is noised
+
+
+def test_a_rerun_reuses_every_stage(baseline):
+    run, config, _ = baseline
+    before = comparable_summary(run)
+    result = run_cli("--config", str(config), "--out", str(run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert all(s["skipped"] for s in summary["stages"])
+    assert comparable_summary(run) == before
+
+
+def kill_from_outside_while_training(config: Path, out: Path) -> None:
+    """SIGKILL the process once a detector fold is mid-training (its temporary directory exists)."""
+    env = {**os.environ, "YOLO_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("CXR_FAULT", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_cycle.py"), "--config", str(config), "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / "gen0" / "detector").glob(".fold0.*.tmp/work")):
+            time.sleep(1.0)
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
+def test_killed_runs_resume_and_match_the_uninterrupted_run(baseline, tmp_path):
+    run, config, _ = baseline
+    out = tmp_path / "killed"
+    for point in (LONG_KILLS if os.environ.get("CXR_LONG_TESTS") == "1" else SHORT_KILLS):
+        if point == OUTSIDE:
+            kill_from_outside_while_training(config, out)
+            continue
+        result = run_cli("--config", str(config), "--out", str(out), fault=point)
+        assert result.returncode == -signal.SIGKILL, f"{point}: {result.returncode} {result.stderr[-1500:]}"
+    result = run_cli("--config", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in COMPARED:
+        assert (out / name).read_bytes() == (run / name).read_bytes(), name
+    assert comparable_summary(out) == comparable_summary(run)
+    assert not [p for p in out.rglob("*.tmp")], "a killed run's temporary files were left behind"
