@@ -13,7 +13,10 @@ person sees in an editor or spreadsheet).
 Checked everywhere: boxes outside the image, inverted, zero-area or NaN (after normalising by the
 size read from the image header), unknown classes, missing or unreadable image files, duplicated
 image ids, labels for images that are not there, labeled images without labels, image paths that
-escape the data root, empty CSVs and wrong column names (with a "did you mean").
+escape the data root, empty CSVs and wrong column names (with a "did you mean"), images smaller
+than ``readers.MIN_SIDE`` and DICOMs that are not radiographs (:data:`ACCEPTED_MODALITIES`).
+Problems only decoding finds (a truncated file, a missing JPEG decoder) are quarantined by the
+preprocessing cache in the run's data stage (``loops.cycle.prepare``).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import pydicom
 from ensemble_boxes import weighted_boxes_fusion
 
 from datasets.boxes import BOX_COLUMNS, box_problem, from_pixels
-from datasets.readers import image_size, is_dicom, pseudonymize
+from datasets.readers import MIN_SIDE, RADIOGRAPH_MODALITIES, image_size, is_dicom, pseudonymize
 from datasets.table import (
     BOX_TABLE_COLUMNS,
     ROLES,
@@ -63,6 +66,12 @@ FUSED_SOURCE = "wbf"
 IMAGE_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dicom", ".dcm")
 GENERIC_LABEL_COLUMNS = ("image_id", "box_class", *BOX_COLUMNS)
+ACCEPTED_MODALITIES = RADIOGRAPH_MODALITIES | {"", "OT", "SC"}
+"""DICOM modalities every adapter accepts: projection radiographs (CR, DX, RG), and no modality, OT
+(other) or SC (secondary capture), which digitised films and PNG-to-DICOM conversions carry. Any
+other DICOM (CT, MR, NM, US, MG, PT...) is quarantined like any bad row: the reader can decode it,
+but a cross-sectional slice or a nuclear-medicine frame in a chest-radiograph set is a mistake that
+would teach the models the wrong kind of image. PNG/JPEG files carry no modality and are accepted."""
 
 
 # ---------------------------------------------------------------------------- CSV + paths
@@ -175,23 +184,29 @@ def _index_images(folder: Path, root: Path, q: Quarantine, recursive: bool = Fal
 # ---------------------------------------------------------------------------- image headers
 
 
-def _dicom_patient(path: Path) -> str:
-    """Pseudonymized DICOM PatientID, or '' when the file is not DICOM or the tag is empty."""
+def _dicom_header(path: Path) -> tuple[str, str]:
+    """(pseudonymized PatientID or '', Modality or ''); both '' when the file is not DICOM."""
     if not is_dicom(path):
-        return ""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
+        return "", ""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "Modality"], force=True)
     value = str(ds.get("PatientID", "") or "").strip()
-    return pseudonymize(value) if value else ""
+    return (pseudonymize(value) if value else ""), str(ds.get("Modality", "") or "").strip().upper()
 
 
 def _probe(path: Path) -> tuple[int, int, str] | str:
-    """(width, height, patient id or '') from the image header, or why it cannot be read."""
+    """(width, height, patient id or '') from the image header, or why the image cannot be used."""
     try:
         width, height = image_size(path)
-        return int(width), int(height), _dicom_patient(path)
+        if min(width, height) < MIN_SIDE:
+            return f"{path}: image is {width}x{height} pixels, too small to be a radiograph (minimum {MIN_SIDE})"
+        patient, modality = _dicom_header(path)
+        if modality not in ACCEPTED_MODALITIES:
+            accepted = ", ".join(sorted(m for m in ACCEPTED_MODALITIES if m))
+            return f"{path}: DICOM modality {modality} is not a projection radiograph (accepted: {accepted} or none)"
+        return int(width), int(height), patient
     except DataError as exc:
         return str(exc)
-    except Exception as exc:  # pydicom's PatientID read: any header error is one quarantine line
+    except Exception as exc:  # pydicom's PatientID/Modality read: any header error is one quarantine line
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"{path}: cannot read the DICOM header ({type(exc).__name__}: {text})"
 

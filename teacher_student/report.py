@@ -279,6 +279,18 @@ def _optional(path: Path) -> pd.DataFrame | None:
     return read_table(path) if path.exists() else None
 
 
+_BOX_NUMBERS = ("class_id", *BOX_COLUMNS, "score", "n_models", "fold")
+
+
+def _box_table(path: Path) -> pd.DataFrame | None:
+    """A box table with numeric columns also when it has no rows: read_csv types the columns of a
+    header-only file as object, on which ``nlargest`` fails (a cycle that kept no pseudo box)."""
+    df = _optional(path)
+    if df is None:
+        return None
+    return df.astype({c: "float64" for c in _BOX_NUMBERS if c in df.columns and df[c].dtype == object})
+
+
 def _optional_json(path: Path) -> dict | None:
     return read_json(path) if path.exists() else None
 
@@ -366,11 +378,11 @@ def read_cycle(run_dir: str | Path, cycle: int) -> CycleData:
         class_info=_optional_json(pseudo_dir / "class_pseudo.json") or {},
         summary=_optional_json(run_dir / "summary.json"))
     if (pseudo_dir / "box_pseudo.csv").exists():
-        d.matched = _optional(pseudo_dir / "box_oof_matched.csv")
-        d.box_pseudo = read_table(pseudo_dir / "box_pseudo.csv")
+        d.matched = _box_table(pseudo_dir / "box_oof_matched.csv")
+        d.box_pseudo = _box_table(pseudo_dir / "box_pseudo.csv")
         d.box_images = _optional(pseudo_dir / "box_images.csv")
         d.box_info = _optional_json(pseudo_dir / "box_pseudo.json") or {}
-        d.fused = _optional(run_dir / f"gen{cycle - 1}" / "detector" / "predictions" / "pool_fused.csv")
+        d.fused = _box_table(run_dir / f"gen{cycle - 1}" / "detector" / "predictions" / "pool_fused.csv")
     return d
 
 
