@@ -8,7 +8,7 @@ is the teacher of the next.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -110,7 +110,10 @@ def train_fold(
     train_ds = ClassificationDataset(load, train.image_ids, train.targets, train.weights, transform, pp.mean, pp.std)
     val_ds = ClassificationDataset(load, val_ids, table.study_targets(val_ids), None, None, pp.mean, pp.std)
     kind = loss_kind(cfg, table)
-    result = fit(model, train_ds, val_ds, cfg.classifier.train, loss=kind, metric_fn=metric_for(table, kind),
+    train_cfg = cfg.classifier.train
+    if gen > 0 and cfg.classifier.student_epochs > 0:
+        train_cfg = replace(train_cfg, epochs=cfg.classifier.student_epochs)
+    result = fit(model, train_ds, val_ds, train_cfg, loss=kind, metric_fn=metric_for(table, kind),
                  device=device, seed=seed, log=log)
     meta = {
         "model_name": name, "num_classes": len(table.study_classes), "class_names": list(table.study_classes),

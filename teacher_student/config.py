@@ -28,6 +28,7 @@ class DataConfig:
     """Where the images and labels are, and in which format."""
 
     format: Literal["demo", "vinbigdata", "siim", "generic"] = "demo"
+    """Input layout: the built-in demo, Kaggle VinBigData, Kaggle SIIM-COVID19, or an images CSV."""
     root: str = "demo_data"
     """Data root; every image path must resolve inside it."""
     labels_csv: str = ""
@@ -45,9 +46,11 @@ class DataConfig:
     fuse_radiologists: bool = True
     """VinBigData: fuse the boxes of several radiologists with WBF (as the top solutions did)."""
     radiologist_iou_thr: float = 0.4
+    """WBF IoU threshold when fusing radiologists' boxes."""
     demo_counts: tuple[int, ...] = (120, 360, 120)
     """Demo format only: labeled, unlabeled and held-out test images generated into root."""
     demo_image_size: int = 256
+    """Demo format only: pixel size of the generated DICOMs."""
     on_bad_input: Literal["quarantine", "error"] = "quarantine"
     """quarantine: bad rows are set aside and reported; error: the first bad row stops the run."""
 
@@ -61,13 +64,17 @@ class PreprocessConfig:
     percentile_clip: tuple[float, float] = (0.5, 99.5)
     """Applied when a DICOM has no window/VOI LUT: robust min-max over these percentiles."""
     mean: float = 0.5
+    """Normalisation of the [0, 1] image: (x - mean) / std."""
     std: float = 0.25
+    """See mean."""
 
 
 @dataclass(frozen=True)
 class FoldConfig:
     k: int = 5
+    """Number of folds: k teachers, each labeled image predicted out-of-fold once."""
     seed: int = 42
+    """Seed of the stratified grouped fold split."""
     phash_max_distance: int = 4
     """DCT perceptual-hash Hamming distance (of 64 bits) up to which two images are one duplicate
     group (pixel-identical images always are). Measured on the shared set: re-encoded copies at 0,
@@ -79,19 +86,27 @@ class TrainConfig:
     """Optimisation settings shared by the classifier (and the effdet detector)."""
 
     epochs: int = 10
+    """Training epochs (teachers; see student_epochs)."""
     batch_size: int = 32
+    """Images per step."""
     lr: float = 1e-3
+    """Peak learning rate (after linear warmup, then cosine decay)."""
     weight_decay: float = 1e-2
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    """adamw or sgd (Nesterov momentum 0.9)."""
     warmup_epochs: float = 1.0
+    """Linear warmup length in epochs."""
     ema_decay: float = 0.0
     """0 disables the exponential moving average of weights."""
     grad_clip: float = 5.0
+    """Gradient norm clipping; 0 disables it."""
     patience: int = 0
     """Early stopping patience in epochs on the validation metric; 0 disables it."""
     amp: bool = True
     """Mixed precision and channels_last, used only on CUDA."""
     workers: int = 0
+    """DataLoader worker processes (0: load in the training process)."""
 
 
 @dataclass(frozen=True)
@@ -99,10 +114,16 @@ class ClassifierConfig:
     ladder: tuple[str, ...] = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3")
     """timm model per generation: ladder[0] is the cycle-0 teacher, ladder[c] the student of cycle c."""
     drop_rate: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4)
+    """Dropout before the classifier head, per generation (student noise)."""
     drop_path_rate: tuple[float, ...] = (0.0, 0.1, 0.2, 0.2)
+    """Stochastic depth, per generation (student noise)."""
     pretrained: str = ""
     """Empty: random init. 'timm' downloads timm's weights; a path loads a local state dict."""
     loss: Literal["auto", "softmax", "bce"] = "auto"
+    """auto: softmax cross-entropy for multiclass labels, BCE for multilabel."""
+    student_epochs: int = 0
+    """Epochs of students (generation >= 1), which see several times more images per epoch than
+    teachers once pseudo labels join; 0: the same as train.epochs."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -113,6 +134,7 @@ class AugmentConfig:
     randaugment_m: tuple[int, ...] = (0, 9, 12, 15)
     """RandAugment magnitude (0..30) per generation."""
     tta_hflip: bool = True
+    """Average predictions over the image and its horizontal flip."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +142,7 @@ class PseudoConfig:
     """How teacher predictions become student targets (pure functions in teacher_student.pseudo)."""
 
     mode: Literal["soft", "hard"] = "soft"
+    """soft: teacher probabilities (sharpened by temperature) as targets; hard: one-hot argmax."""
     temperature: float = 1.0
     """Applied at read time to the stored raw probabilities (<1 sharpens)."""
     labeled_blend: float = 0.3
@@ -139,18 +162,29 @@ class PseudoConfig:
 @dataclass(frozen=True)
 class DetectorConfig:
     enabled: bool = True
+    """Train detectors (needs box classes and box-labeled images)."""
     kind: Literal["yolo", "effdet"] = "yolo"
+    """yolo (ultralytics, built from YAML) or effdet (efficientdet-pytorch)."""
     ladder: tuple[str, ...] = ("yolov8n.yaml", "yolov8s.yaml", "yolov8m.yaml", "yolov8m.yaml")
     """Per generation: an ultralytics YAML (or local .pt) or an effdet name (tf_efficientdet_d0...)."""
     img_size: int = 512
+    """Detector input size (YOLO: multiple of 32; effdet: multiple of 128)."""
     epochs: int = 20
+    """Detector training epochs (teachers; see student_epochs)."""
+    student_epochs: int = 0
+    """As classifier.student_epochs: epochs of generation >= 1 detectors; 0: the same as epochs."""
     batch_size: int = 16
+    """Images per detector step."""
     lr: float = 1e-3
+    """Detector learning rate."""
     conf_floor: float = 0.01
     """Predictions below this score are not kept at all (low, so that WBF and thresholds decide)."""
     iou_thr: float = 0.55
+    """WBF: boxes of one class overlapping more than this are fused."""
     skip_box_thr: float = 0.01
+    """WBF: predictions scoring below this are ignored."""
     conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
+    """WBF score rule; avg divides by the number of models, so boxes few folds saw score low."""
     metric_iou: float = 0.4
     """mAP IoU: 0.4 VinBigData, 0.5 SIIM."""
     target_precision: float = 0.8
@@ -158,28 +192,40 @@ class DetectorConfig:
     negative_max_p_abnormal: float = 0.2
     """An unlabeled image with no kept box and P(abnormal) below this becomes a negative."""
     randaugment_n: tuple[int, ...] = (0, 2, 2, 3)
+    """Box-safe RandAugment ops per generation (0: light teacher augmentation)."""
     randaugment_m: tuple[int, ...] = (0, 6, 9, 12)
+    """Box-safe RandAugment magnitude (0..30) per generation."""
     hflip: bool = True
     """Flip augmentation and flip TTA for the detector. Turn off for lateralised classes
     ("Right Lung" / "Left Lung"): a flipped right lung is a left lung."""
     workers: int = 0
+    """Processes for WBF fusion over images (0: in process)."""
 
 
 @dataclass(frozen=True)
 class GateConfig:
     mode: Literal["hard", "soft", "off"] = "hard"
+    """hard: VinBigData three-zone gate; soft: box scores times P(abnormal); off: detector alone."""
     low: float = 0.08
+    """Below this P(abnormal) an image gets only the 'No finding' prediction."""
     high: float = 0.95
+    """From this P(abnormal) up, boxes stand without a 'No finding' prediction."""
     tune_on_oof: bool = True
+    """Choose low/high on OOF predictions for the best mAP including 'No finding'."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
     cycles: int = 3
+    """Teacher -> student cycles after cycle 0."""
     out: str = "runs/demo"
+    """Run directory; rerunning into it resumes."""
     device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
     seed: int = 0
+    """Global seed; the same seed gives the same pseudo labels and summary."""
     workers: int = 2
+    """Processes for building the preprocessing cache."""
     oracle: bool = True
     """Also train a supervised reference on all labels (labeled + unlabeled ground truth), when the
     dataset has hidden truth for its unlabeled pool (the demo does)."""
@@ -322,3 +368,33 @@ def fingerprint(obj: Any) -> str:
 def with_changes(cfg: Any, **changes: Any) -> Any:
     """dataclasses.replace, named for readability at call sites."""
     return replace(cfg, **changes)
+
+
+def config_reference() -> list[tuple[str, str, str]]:
+    """(key, default, description) for every config key, descriptions taken from the docstrings
+    under each field in this file (the README's config reference is generated from this)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(inspect.getmodule(config_reference)))
+    docs: dict[tuple[str, str], str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for stmt, nxt in zip(body, body[1:] + [None]):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                    docs[(node.name, stmt.target.id)] = " ".join(str(nxt.value.value).split())
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        default = cls()
+        for f in fields(cls):
+            value = getattr(default, f.name)
+            if is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+            else:
+                shown = json.dumps(list(value) if isinstance(value, tuple) else value)
+                rows.append((f"{prefix}{f.name}", shown, docs.get((cls.__name__, f.name), "")))
+
+    walk(EngineConfig, "")
+    return rows

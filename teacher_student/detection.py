@@ -49,7 +49,8 @@ def train_fold(
     name = ladder_value(dc.ladder, gen)
     detector = create_detector(dc.kind, name, len(table.box_classes), list(table.box_classes), dc.img_size)
     seed = cfg.run.seed * 1000 + gen * 10 + fold
-    result = detector.fit(train_ids, val_ids, boxes, load, out_dir / "work", epochs=dc.epochs, batch_size=dc.batch_size,
+    epochs = dc.student_epochs if gen > 0 and dc.student_epochs > 0 else dc.epochs
+    result = detector.fit(train_ids, val_ids, boxes, load, out_dir / "work", epochs=epochs, batch_size=dc.batch_size,
                           lr=dc.lr, img_size=dc.img_size, randaugment_n=ladder_value(dc.randaugment_n, gen),
                           randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip, device=str(device), seed=seed,
                           log=lambda record: log(format_epoch(record)))
