@@ -55,16 +55,27 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
     return path
 
 
+def safe_torch_load(path: str | Path, what: str, error: type[Exception] = DataError):
+    """``torch.load(weights_only=True)`` of a file, any failure turned into one line naming it.
+
+    The one place the engine reads torch files: tensors and plain containers only, never pickled
+    code, so a checkpoint from outside the run cannot execute anything when loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:150]
+        raise error(f"{path}: unreadable {what}, corrupt, truncated or not weights-only "
+                    f"({type(err).__name__}: {first})") from None
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The raw checkpoint dict, checked for format and meta; CheckpointError names what is wrong."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:150]
-        raise CheckpointError(f"{path}: unreadable checkpoint, corrupt or truncated ({type(err).__name__}: {first})") from None
+    ckpt = safe_torch_load(path, "checkpoint", CheckpointError)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a classifier checkpoint of this engine (format {found!r}, expected {FORMAT!r})")

@@ -33,7 +33,7 @@ from loops.stages import Stage, atomic_path, read_json, read_table, write_json, 
 from teacher_student import classification as cls
 from teacher_student import detection as det
 from teacher_student import gating, pseudo
-from teacher_student.config import EngineConfig, config_to_dict, fingerprint
+from teacher_student.config import EngineConfig, config_to_dict, fingerprint, matched_epochs
 
 log = logging.getLogger("cxr.cycle")
 
@@ -212,10 +212,15 @@ def classifier_generation(run: Run, gen: int, pseudo_dir: Path | None, prev_pred
         train_ids = [i for i in run.labeled_ids if run.folds[i] != fold] + list(extra_ids)
         val_ids = [i for i in run.labeled_ids if run.folds[i] == fold]
         ts = cls.student_targets(cfg, table, train_ids, oof, selected, pool)
-        payload = {**base, "fold": fold, "train": fingerprint(ts.fingerprint_payload()), "val": val_ids}
+        teacher_images = len(train_ids) - len(extra_ids)
+        epochs = (cfg.classifier.train.epochs if gen == 0 and not extra_ids else
+                  matched_epochs(cfg.classifier.train.epochs, teacher_images, len(ts.image_ids),
+                                 cfg.classifier.student_epochs))
+        payload = {**base, "fold": fold, "train": fingerprint(ts.fingerprint_payload()), "val": val_ids,
+                   "epochs": epochs}
         run.stage(gen_dir, f"fold{fold}", payload,
-                  lambda d, f=fold, t=ts, v=val_ids: cls.train_fold(cfg, table, load, gen, f, t, v, run.device, d,
-                                                                  log.info))
+                  lambda d, f=fold, t=ts, v=val_ids, e=epochs: cls.train_fold(cfg, table, load, gen, f, t, v,
+                                                                            run.device, d, log.info, epochs=e))
     pool_ids = run.ids("unlabeled", "test")
     payload = {**base, "models": file_digest(*(gen_dir / f"fold{f}" for f in range(cfg.folds.k))), "pool": pool_ids}
     run.stage(gen_dir, "predictions", payload,
@@ -305,11 +310,14 @@ def detector_generation(run: Run, gen: int, pseudo_dir: Path | None, *, name: st
         train_ids = [i for i in run.det_labeled_ids if run.folds[i] != fold] + list(extra_ids)
         val_ids = [i for i in run.det_labeled_ids if run.folds[i] == fold]
         ids, boxes = det.training_set(gt, train_ids, p_boxes, p_images)
+        teacher_images = len(train_ids) - len(extra_ids)
+        epochs = (cfg.detector.epochs if gen == 0 and not extra_ids else
+                  matched_epochs(cfg.detector.epochs, teacher_images, len(ids), cfg.detector.student_epochs))
         payload = {**base, "fold": fold, "ids": ids, "boxes": fingerprint(boxes.round(6).to_dict("list")),
-                   "val": val_ids}
+                   "val": val_ids, "epochs": epochs}
         run.stage(gen_dir, f"fold{fold}", payload,
-                  lambda d, f=fold, i=ids, b=boxes, v=val_ids: det.train_fold(cfg, table, load, gen, f, i, b, v,
-                                                                             run.device, d, log.info))
+                  lambda d, f=fold, i=ids, b=boxes, v=val_ids, e=epochs: det.train_fold(
+                      cfg, table, load, gen, f, i, b, v, run.device, d, log.info, epochs=e))
     pool_ids = det_pool_ids(run)
     payload = {**base, "models": file_digest(*(gen_dir / f"fold{f}" for f in range(cfg.folds.k))), "pool": pool_ids}
     run.stage(gen_dir, "predictions", payload,

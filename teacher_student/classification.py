@@ -94,7 +94,7 @@ def metric_for(table: ItemTable, mode_loss: str) -> Callable[[np.ndarray, np.nda
 
 def train_fold(
     cfg: EngineConfig, table: ItemTable, load: Callable, gen: int, fold: int,
-    train: TrainingSet, val_ids: list[str], device: torch.device, out_dir: Path, log: Callable,
+    train: TrainingSet, val_ids: list[str], device: torch.device, out_dir: Path, log: Callable, *, epochs: int,
 ) -> dict:
     """Train one fold model of a generation and write checkpoint.pt + train_ids.txt + history.json."""
     size, pp = cfg.preprocess.size, cfg.preprocess
@@ -110,16 +110,14 @@ def train_fold(
     train_ds = ClassificationDataset(load, train.image_ids, train.targets, train.weights, transform, pp.mean, pp.std)
     val_ds = ClassificationDataset(load, val_ids, table.study_targets(val_ids), None, None, pp.mean, pp.std)
     kind = loss_kind(cfg, table)
-    train_cfg = cfg.classifier.train
-    if gen > 0 and cfg.classifier.student_epochs > 0:
-        train_cfg = replace(train_cfg, epochs=cfg.classifier.student_epochs)
+    train_cfg = replace(cfg.classifier.train, epochs=epochs)
     result = fit(model, train_ds, val_ds, train_cfg, loss=kind, metric_fn=metric_for(table, kind),
                  device=device, seed=seed, log=log)
     meta = {
         "model_name": name, "num_classes": len(table.study_classes), "class_names": list(table.study_classes),
         "drop_rate": drop, "drop_path_rate": drop_path, "preprocess": config_to_dict(pp),
         "activation": "softmax" if kind == "softmax" else "sigmoid", "label_mode": table.label_mode,
-        "generation": gen, "fold": fold, "randaugment": [n, m], "config": config_to_dict(cfg),
+        "generation": gen, "fold": fold, "randaugment": [n, m], "epochs": epochs, "config": config_to_dict(cfg),
     }
     save_checkpoint(out_dir / "checkpoint.pt", model, meta)
     (out_dir / "train_ids.txt").write_text("\n".join(sorted(set(train.image_ids))) + "\n")

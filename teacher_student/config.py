@@ -122,8 +122,9 @@ class ClassifierConfig:
     loss: Literal["auto", "softmax", "bce"] = "auto"
     """auto: softmax cross-entropy for multiclass labels, BCE for multilabel."""
     student_epochs: int = 0
-    """Epochs of students (generation >= 1), which see several times more images per epoch than
-    teachers once pseudo labels join; 0: the same as train.epochs."""
+    """Epochs of students (generation >= 1) and of the oracle. 0: as many optimizer steps as the
+    teacher (train.epochs scaled by teacher images / student images), so a student is not
+    undertrained because pseudo labels made its epochs longer, nor the run slower per generation."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -172,7 +173,8 @@ class DetectorConfig:
     epochs: int = 20
     """Detector training epochs (teachers; see student_epochs)."""
     student_epochs: int = 0
-    """As classifier.student_epochs: epochs of generation >= 1 detectors; 0: the same as epochs."""
+    """As classifier.student_epochs: epochs of generation >= 1 detectors and the oracle; 0: the
+    teacher's number of optimizer steps."""
     batch_size: int = 16
     """Images per detector step."""
     lr: float = 1e-3
@@ -244,6 +246,16 @@ class EngineConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def matched_epochs(teacher_epochs: int, teacher_images: int, images: int, fixed: int = 0) -> int:
+    """Epochs giving a model trained on ``images`` the teacher's number of optimizer steps
+    (``fixed`` > 0 overrides). Why steps: Noisy Student trains students at least as long as
+    teachers; matching epochs instead would shortchange nobody but slow every generation by the
+    ratio of pseudo-labeled to labeled images."""
+    if fixed > 0:
+        return fixed
+    return max(1, round(teacher_epochs * teacher_images / max(images, 1)))
 
 
 def ladder_value(values: tuple, generation: int):

@@ -42,21 +42,20 @@ def training_set(
 
 def train_fold(
     cfg: EngineConfig, table: ItemTable, load: Callable, gen: int, fold: int, train_ids: list[str],
-    boxes: pd.DataFrame, val_ids: list[str], device: torch.device, out_dir: Path, log: Callable,
+    boxes: pd.DataFrame, val_ids: list[str], device: torch.device, out_dir: Path, log: Callable, *, epochs: int,
 ) -> dict:
     """Train one fold detector of a generation; write detector checkpoint and train_ids.txt."""
     dc = cfg.detector
     name = ladder_value(dc.ladder, gen)
     detector = create_detector(dc.kind, name, len(table.box_classes), list(table.box_classes), dc.img_size)
     seed = cfg.run.seed * 1000 + gen * 10 + fold
-    epochs = dc.student_epochs if gen > 0 and dc.student_epochs > 0 else dc.epochs
     result = detector.fit(train_ids, val_ids, boxes, load, out_dir / "work", epochs=epochs, batch_size=dc.batch_size,
                           lr=dc.lr, img_size=dc.img_size, randaugment_n=ladder_value(dc.randaugment_n, gen),
                           randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip, device=str(device), seed=seed,
                           log=lambda record: log(format_epoch(record)))
     detector.save(out_dir / "detector.pt")
     (out_dir / "train_ids.txt").write_text("\n".join(sorted(set(train_ids))) + "\n")
-    return {"model": name, "train_images": len(set(train_ids)), "train_boxes": int(len(boxes)),
+    return {"model": name, "epochs": epochs, "train_images": len(set(train_ids)), "train_boxes": int(len(boxes)),
             "fit": result if isinstance(result, dict) else None}
 
 

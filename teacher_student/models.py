@@ -86,14 +86,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     normal case. A 3-channel first convolution is summed to one channel (as timm does), tensors
     whose shape differs (the head) are skipped, and one log line says what did not load.
     """
+    from loops.checkpoint import safe_torch_load
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: pretrained weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:120]
-        raise DataError(f"{path}: not a readable torch state dict ({type(err).__name__}: {first})") from None
+    state = safe_torch_load(path, "pretrained weights file (a torch state dict)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -216,7 +216,7 @@ def test_factory_and_loader_reject_bad_input(tmp_path):
         create_detector("yolo", "yolov8n.yaml", 2, ["a"], 64)
     bad = tmp_path / "not_a_checkpoint.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(DataError, match="not_a_checkpoint.pt: not a readable detector checkpoint"):
+    with pytest.raises(DataError, match="not_a_checkpoint.pt: unreadable detector checkpoint"):
         load_detector(bad)
 
 

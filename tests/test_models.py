@@ -72,7 +72,7 @@ def test_bad_weights_path_is_a_one_line_data_error(tmp_path):
         create_classifier("test_efficientnet", 2, pretrained=str(tmp_path / "none.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
-    with pytest.raises(DataError, match="junk.pt: not a readable torch state dict") as err:
+    with pytest.raises(DataError, match="junk.pt: unreadable pretrained weights file") as err:
         create_classifier("test_efficientnet", 2, pretrained=str(junk))
     assert "\n" not in str(err.value)
     alien = tmp_path / "alien.pt"

@@ -225,7 +225,7 @@ def test_bad_checkpoints_give_one_line_errors(trained, tmp_path):
     raw = torch.load(wrong, weights_only=True)
     raw["meta"]["num_classes"], raw["meta"]["class_names"] = 2, ["neg", "pos"]
     torch.save(raw, wrong)
-    cases = {tmp_path / "missing.pt": "not found", corrupt: "corrupt or truncated", wrong: "do not fit"}
+    cases = {tmp_path / "missing.pt": "not found", corrupt: "corrupt, truncated", wrong: "do not fit"}
     for path, words in cases.items():
         with pytest.raises(CheckpointError, match=words) as err:
             load_classifier(path)
