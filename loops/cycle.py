@@ -202,7 +202,7 @@ def classifier_generation(run: Run, gen: int, pseudo_dir: Path | None, prev_pred
     cfg, table = run.cfg, table or run.table
     gen_dir = run.out / (name or f"gen{gen}") / "classifier"
     oof = read_table(prev_pred / "oof.csv") if prev_pred else None
-    pool = read_table(prev_pred / "pool.csv") if prev_pred else None
+    pool = read_table(prev_pred / "pool.csv") if prev_pred and (prev_pred / "pool.csv").exists() else None
     selected = read_table(pseudo_dir / "class_pseudo.csv") if pseudo_dir else None
     base = {"classifier": config_to_dict(cfg.classifier), "augment": config_to_dict(cfg.augment),
             "pre": config_to_dict(cfg.preprocess), "pseudo": config_to_dict(cfg.pseudo), "seed": cfg.run.seed,

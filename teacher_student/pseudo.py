@@ -20,7 +20,7 @@ def _check_probs(probs: np.ndarray, name: str = "probs") -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2:
         raise ValueError(f"{name} must be (N, C), got shape {probs.shape}")
-    if np.isnan(probs).any() or probs.min() < 0 or probs.max() > 1:
+    if probs.size and (np.isnan(probs).any() or probs.min() < 0 or probs.max() > 1):
         raise ValueError(f"{name} must hold probabilities in [0, 1] without NaN")
     return probs
 

@@ -280,15 +280,22 @@ def _optional(path: Path) -> pd.DataFrame | None:
 
 
 _BOX_NUMBERS = ("class_id", *BOX_COLUMNS, "score", "n_models", "fold")
+_SELECTION_NUMBERS = ("class_index", "confidence", "threshold", "copies", "cycle")
 
 
-def _box_table(path: Path) -> pd.DataFrame | None:
-    """A box table with numeric columns also when it has no rows: read_csv types the columns of a
-    header-only file as object, on which ``nlargest`` fails (a cycle that kept no pseudo box)."""
+def _numeric_table(path: Path, numbers: Sequence[str]) -> pd.DataFrame | None:
+    """A table with numeric columns also when it has no rows: read_csv types the columns of a
+    header-only file as object, on which ``nlargest`` fails (a cycle that kept no pseudo box, a
+    dataset with no unlabeled pool for the classifier)."""
     df = _optional(path)
     if df is None:
         return None
-    return df.astype({c: "float64" for c in _BOX_NUMBERS if c in df.columns and df[c].dtype == object})
+    df = df.astype({c: "float64" for c in numbers if c in df.columns and df[c].dtype == object})
+    return df.astype({"kept": bool}) if "kept" in df.columns and df.empty else df
+
+
+def _box_table(path: Path) -> pd.DataFrame | None:
+    return _numeric_table(path, _BOX_NUMBERS)
 
 
 def _optional_json(path: Path) -> dict | None:
@@ -373,7 +380,7 @@ def read_cycle(run_dir: str | Path, cycle: int) -> CycleData:
         truth=load_table(truth_dir) if (truth_dir / "table.json").exists() else None,
         folds=read_table(run_dir / "data" / "folds.csv").set_index("image_id")["fold"],
         oof=read_table(teacher / "oof.csv"), pool=_optional(teacher / "pool.csv"),
-        pool_folds=_optional(teacher / "pool_folds.csv"), selection=read_table(pseudo_dir / "class_selection.csv"),
+        pool_folds=_optional(teacher / "pool_folds.csv"), selection=_numeric_table(pseudo_dir / "class_selection.csv", _SELECTION_NUMBERS),
         class_pseudo=read_table(pseudo_dir / "class_pseudo.csv"),
         class_info=_optional_json(pseudo_dir / "class_pseudo.json") or {},
         summary=_optional_json(run_dir / "summary.json"))
@@ -874,7 +881,7 @@ def cycle_drift(d: CycleData) -> tuple[list[dict], list[dict]]:
         pdir = d.run_dir / f"cycle{k}" / "pseudo"
         if not (pdir / "class_selection.csv").exists():
             continue
-        sel = read_table(pdir / "class_selection.csv")
+        sel = _numeric_table(pdir / "class_selection.csv", _SELECTION_NUMBERS)
         info = _optional_json(pdir / "class_pseudo.json") or {}
         row = {"cycle": k, "teacher": k - 1, "pool": len(sel), "kept": int(sel["kept"].astype(bool).sum()),
                "pass_rate": float(sel["kept"].astype(bool).mean()) if len(sel) else None,

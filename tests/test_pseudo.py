@@ -109,3 +109,11 @@ def test_gate_hard_and_soft():
     assert hi[3] == pytest.approx(0.5 * 0.99) and hi[14] == pytest.approx(0.01)
     with pytest.raises(ValueError, match="low <= high"):
         pseudo.gate_predictions(boxes, p, no_finding_class=14, low=0.9, high=0.1)
+
+
+def test_an_empty_unlabeled_pool_selects_nothing():
+    """A dataset whose every image is labeled (the shared cxr set) has no classification pool."""
+    sel = pseudo.select_pseudo([], np.zeros((0, 3)), mode="multiclass", class_names=["a", "b", "c"], confidence=0.5)
+    assert sel.empty and list(sel.columns)[:2] == ["image_id", "label"]
+    assert pseudo.balance_classes(sel).empty
+    assert pseudo.sharpen(np.zeros((0, 3)), temperature=0.5, mode="multiclass").shape == (0, 3)
