@@ -30,3 +30,12 @@ def dicom_dir(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def cxr_dir(shared_data) -> Path:
     return shared_data / "cxr-covid-ieee8023"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread and do not fight other processes for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

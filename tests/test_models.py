@@ -9,12 +9,7 @@ from datasets.table import DataError
 from teacher_student.models import TINY_LADDER, count_parameters, create_classifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tiny_ladder_grows_and_runs_on_one_channel():

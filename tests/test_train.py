@@ -20,13 +20,7 @@ SIZE = 32
 PP = PreprocessConfig(size=SIZE, mean=0.4, std=0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread and do not fight other processes for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def square_task(n: int, prefix: str, seed: int):
