@@ -331,7 +331,8 @@ def detector_metrics(run: Run, pred_dir: Path) -> dict:
     gt = det.training_boxes(run.table)
     oof = read_table(pred_dir / "oof_boxes.csv")
     pool = read_table(pred_dir / "pool_fused.csv")
-    test_ids = [i for i in run.ids("test") if i in run.box_labeled]
+    boxed = run.box_labeled
+    test_ids = [i for i in run.ids("test") if i in boxed]
     out = {"oof": det.evaluate(run.table, gt, oof, run.det_labeled_ids, iou),
            "test": det.evaluate(run.table, gt, pool, test_ids, iou)}
     if run.truth is not None:
@@ -390,7 +391,8 @@ def final_stage(run: Run, cls_pred: Path, det_pred: Path | None, out_dir: Path) 
                                     low=gate["low"], high=gate["high"], mode=cfg.gate.mode)
     write_table(out_dir / "box_predictions_raw.csv", boxes)
     write_table(out_dir / "box_predictions_gated.csv", gated)
-    test_ids = [i for i in run.ids("test") if i in run.box_labeled]
+    boxed = run.box_labeled
+    test_ids = [i for i in run.ids("test") if i in boxed]
     scores = {}
     for label, ids in (("oof", run.det_labeled_ids), ("test", test_ids)):
         if ids:
