@@ -187,8 +187,8 @@ def predict_generation(
 def evaluate(table: ItemTable, probs: pd.DataFrame, truth: ItemTable | None = None) -> dict | None:
     """Classification metrics of a probability table against the labels known for its images."""
     source = truth if truth is not None else table
-    known = source.items.set_index("image_id")
-    ids = [i for i in probs["image_id"] if i in known.index and bool(known.loc[i, "has_study_label"])]
+    labeled = set(source.items.loc[source.items["has_study_label"], "image_id"])
+    ids = [i for i in probs["image_id"] if i in labeled]
     if not ids:
         return None
     p = probs.set_index("image_id").loc[ids, prob_columns(table.study_classes)].to_numpy()

@@ -57,9 +57,10 @@ def vinbigdata_submission(pred: pd.DataFrame, items: pd.DataFrame, *, no_finding
     original pixels; "No finding" as "14 score 0 0 1 1" as the competition defined it; an image
     without any prediction gets "14 1 0 0 1 1"."""
     sizes = items.set_index("image_id")[["width", "height"]]
+    by_image = dict(tuple(pred.sort_values("score", ascending=False, kind="stable").groupby("image_id", sort=False)))
     rows = []
     for image_id in items["image_id"]:
-        p = pred[pred["image_id"] == image_id].sort_values("score", ascending=False)
+        p = by_image.get(image_id, pred.iloc[:0])
         w, h = sizes.loc[image_id]
         parts = []
         for r, px in zip(p.itertuples(), to_pixels(p[BOX_COLUMNS].to_numpy(), w, h)):
@@ -85,8 +86,9 @@ def siim_submission(pred: pd.DataFrame, study_probs: pd.DataFrame, items: pd.Dat
     for study, p in per_study.iterrows():
         rows.append({"id": f"{study}_study", "PredictionString": " ".join(f"{n} {v:.4f} 0 0 1 1" for n, v in zip(names, p))})
     sizes = items.set_index("image_id")[["width", "height"]]
+    by_image = dict(tuple(pred.groupby("image_id", sort=False)))
     for image_id in items["image_id"]:
-        p = pred[pred["image_id"] == image_id]
+        p = by_image.get(image_id, pred.iloc[:0])
         w, h = sizes.loc[image_id]
         parts = [f"none {r.score:.4f} 0 0 1 1" if r.class_id == no_finding_class else
                  f"opacity {r.score:.4f} " + " ".join(f"{v:.1f}" for v in px)
