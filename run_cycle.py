@@ -8,15 +8,33 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+import types
 from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # never let ultralytics reach the network
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # nor albumentations (it checks PyPI on import)
-os.environ.setdefault("YOLO_VERBOSE", "False")
+IMPORT_ROOT = "cxr_noisy_student"
 
-PRESETS = Path(__file__).resolve().parent / "teacher_student" / "presets"
+
+def map_checkout() -> None:
+    """Run from a checkout: map the import root onto the folders beside this file.
+
+    Installed (``pip install .``), the engine is the package ``cxr_noisy_student``; a plain
+    checkout has no such folder, only ``datasets/``, ``loops/``... beside this script. A
+    namespace-style module whose path is this directory gives them the same names, so the script
+    runs the checkout's own code whether or not (and whichever version) is installed.
+    """
+    here = Path(__file__).resolve().parent
+    if (here / "teacher_student").is_dir() and IMPORT_ROOT not in sys.modules:
+        root = types.ModuleType(IMPORT_ROOT)
+        root.__path__ = [str(here)]
+        sys.modules[IMPORT_ROOT] = root
+
+
+map_checkout()  # at import time, so that worker processes that re-import this file see it too
+
+from cxr_noisy_student.datasets.environment import set_offline_defaults  # noqa: E402
+
+set_offline_defaults()
 
 DESCRIPTION = """\
 Self-training (noisy-student) for chest radiographs. Cycle 0 trains k-fold teachers (a timm
@@ -69,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace):
-    from teacher_student.config import load_config
+    from cxr_noisy_student.teacher_student.config import PRESETS, load_config
 
     overrides = list(args.set)
     for flag, key in ((args.cycles, "run.cycles"), (args.data, "data.root"), (args.out, "run.out"),
@@ -81,7 +99,7 @@ def resolve_config(args: argparse.Namespace):
 
 def print_table(summary: dict) -> None:
     """Per-generation metrics, teacher vs student, one line each."""
-    from teacher_student.summary import format_summary
+    from cxr_noisy_student.teacher_student.summary import format_summary
 
     print(format_summary(summary))
 
@@ -89,14 +107,15 @@ def print_table(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "export":
-        from teacher_student.exports import export_main
+        from cxr_noisy_student.teacher_student.exports import export_main
 
         return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from datasets.table import DataError
-    from teacher_student.config import ConfigError, config_to_dict
+    from cxr_noisy_student.datasets.errors import DataError
+    from cxr_noisy_student.datasets.config import config_to_dict
+    from cxr_noisy_student.datasets.errors import ConfigError
 
     try:
         cfg = resolve_config(args)
@@ -105,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             return 0
-        from loops.cycle import run_cycles
+        from cxr_noisy_student.loops.cycle import run_cycles
 
         summary = run_cycles(cfg)
     except (ConfigError, DataError, FileNotFoundError) as err:

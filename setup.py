@@ -1,14 +1,25 @@
-"""Installable package for the noisy-student pseudo-labeling engine (see README.md)."""
+"""Installable package for the noisy-student pseudo-labeling engine (see README.md).
+
+One import root, ``cxr_noisy_student``, mapped onto the card's folders (``datasets/``, ``augment/``,
+``loops/``, ``teacher_student/``): installed, the engine's data layer is
+``cxr_noisy_student.datasets`` and never shadows or overwrites Hugging Face's ``datasets``, which
+most ML environments (Kaggle's among them) ship. Inside the packages imports are relative.
+``run_cycle.py`` maps the same root onto a plain checkout, so it also runs without installing.
+"""
 from setuptools import find_packages, setup
+
+IMPORT_ROOT = "cxr_noisy_student"
+FOLDERS = find_packages(include=["teacher_student*", "loops*", "augment*", "datasets*"])
 
 setup(
     name="cxr-noisy-student",
     version="0.1.0",
     description="Self-training (noisy-student) pseudo-labeling engine for chest radiographs",
     python_requires=">=3.10",
-    packages=find_packages(include=["teacher_student*", "loops*", "augment*", "datasets*"]),
+    packages=[f"{IMPORT_ROOT}.{name}" for name in FOLDERS],
+    package_dir={f"{IMPORT_ROOT}.{name}": name.replace(".", "/") for name in FOLDERS},
     py_modules=["run_cycle"],
-    package_data={"teacher_student": ["presets/*.yaml"]},
+    package_data={f"{IMPORT_ROOT}.teacher_student": ["presets/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

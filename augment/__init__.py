@@ -1,4 +1,4 @@
 """Transform factories by role: teacher (light), student (RandAugment N/M), detection-safe, TTA."""
-import os
+from ..datasets.environment import set_offline_defaults
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI for updates on import
+set_offline_defaults()

@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 import albumentations as A  # noqa: E402
 
-from augment.transforms import _ops, apply_detection, detection_transform, student_transform, teacher_transform  # noqa: E402
-from datasets.cache import ImageCache  # noqa: E402
-from datasets.torch_data import ClassificationDataset  # noqa: E402
-from teacher_student.config import PreprocessConfig  # noqa: E402
+from cxr_noisy_student.augment.transforms import _ops, apply_detection, detection_transform, student_transform, teacher_transform  # noqa: E402
+from cxr_noisy_student.datasets.cache import ImageCache  # noqa: E402
+from cxr_noisy_student.datasets.torch_data import ClassificationDataset  # noqa: E402
+from cxr_noisy_student.datasets.config import PreprocessConfig
 
 SHARED = ROOT.parent / "shared" / "data" / "cxr-covid-ieee8023"
 

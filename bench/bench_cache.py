@@ -23,9 +23,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.cache import ImageCache, preprocess_image  # noqa: E402
-from datasets.readers import read_image  # noqa: E402
-from teacher_student.config import PreprocessConfig  # noqa: E402
+from cxr_noisy_student.datasets.cache import ImageCache, preprocess_image  # noqa: E402
+from cxr_noisy_student.datasets.readers import read_image  # noqa: E402
+from cxr_noisy_student.datasets.config import PreprocessConfig
 
 SHARED = ROOT.parent / "shared" / "data"
 CHEST_DICOMS = ["RG1_UNCI.dcm", "RG1_J2KI.dcm", "Fake_MONOHR1.dcm",

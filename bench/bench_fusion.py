@@ -19,7 +19,7 @@ import pandas as pd
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
-from teacher_student.fusion import fuse_boxes  # noqa: E402
+from cxr_noisy_student.teacher_student.fusion import fuse_boxes  # noqa: E402
 
 
 def synthetic_predictions(n_images: int, n_models: int, n_boxes: int, *, layout: str = "nms", n_classes: int = 3,

@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from timm.optim import create_optimizer_v2  # noqa: E402
 
-from datasets.torch_data import ClassificationDataset  # noqa: E402
-from loops.predict import predict_probs  # noqa: E402
-from loops.train import fit, weighted_loss  # noqa: E402
-from teacher_student.config import TrainConfig  # noqa: E402
-from teacher_student.models import create_classifier  # noqa: E402
+from cxr_noisy_student.datasets.torch_data import ClassificationDataset  # noqa: E402
+from cxr_noisy_student.loops.predict import predict_probs  # noqa: E402
+from cxr_noisy_student.loops.train import fit, weighted_loss  # noqa: E402
+from cxr_noisy_student.loops.config import TrainConfig
+from cxr_noisy_student.teacher_student.models import create_classifier  # noqa: E402
 
 MEAN, STD = 0.5, 0.25
 

@@ -6,7 +6,7 @@ module knows which format the data came from.
 
 Every input row is checked, and a bad one goes through one :class:`~datasets.table.Quarantine`
 (``on_bad_input``: set aside and reported, or the first one stops the run with a one-line
-:class:`~datasets.table.DataError`). Nothing is dropped silently: each rejected row appears in
+:class:`~datasets.errors.DataError`). Nothing is dropped silently: each rejected row appears in
 ``table.quarantine`` with its file and its CSV line number (the header is line 1, the number a
 person sees in an editor or spreadsheet).
 
@@ -33,12 +33,12 @@ import pandas as pd
 import pydicom
 from ensemble_boxes import weighted_boxes_fusion
 
-from datasets.boxes import BOX_COLUMNS, box_problem, from_pixels
-from datasets.readers import MIN_SIDE, RADIOGRAPH_MODALITIES, image_size, is_dicom, pseudonymize
-from datasets.table import (
+from .boxes import BOX_COLUMNS, box_problem, from_pixels
+from .readers import MIN_SIDE, RADIOGRAPH_MODALITIES, image_size, is_dicom, pseudonymize
+from .errors import DataError
+from .table import (
     BOX_TABLE_COLUMNS,
     ROLES,
-    DataError,
     ItemTable,
     Quarantine,
     empty_boxes,

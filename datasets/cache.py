@@ -63,10 +63,10 @@ from scipy.fft import dctn
 import pandas as pd
 from tqdm import tqdm
 
-from datasets.readers import READER_VERSION, read_image
-from datasets.table import DataError
-from loops.stages import atomic_path, read_json, write_json
-from teacher_student.config import PreprocessConfig, fingerprint
+from .readers import READER_VERSION, read_image
+from .errors import DataError
+from .atomic import atomic_path, read_json, write_json
+from .config import PreprocessConfig, fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from threadpoolctl import threadpool_limits
 
-from datasets.table import DataError
-from loops.stages import atomic_path, read_json, write_json
+from .errors import DataError
+from .atomic import atomic_path, read_json, write_json
 
 GENERATOR_VERSION = 1
 VINBIGDATA_CLASSES = (

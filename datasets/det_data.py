@@ -19,10 +19,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from datasets.boxes import BOX_COLUMNS, box_problem, to_effdet
-from datasets import torch_data
-from datasets.table import DataError
-from datasets.torch_data import to_tensor
+from .boxes import BOX_COLUMNS, box_problem, to_effdet
+from . import torch_data
+from .errors import DataError
+from .torch_data import to_tensor
 
 
 def image_tensor(image: np.ndarray, *, size: int, mean: float, std: float) -> torch.Tensor:

@@ -21,9 +21,10 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from datasets.boxes import BOX_COLUMNS, box_problem, from_coco, from_yolo, to_coco, to_yolo
-from datasets.table import BOX_TABLE_COLUMNS, DataError, empty_boxes
-from loops.stages import atomic_dir, write_json
+from .boxes import BOX_COLUMNS, box_problem, from_coco, from_yolo, to_coco, to_yolo
+from .table import BOX_TABLE_COLUMNS, empty_boxes
+from .errors import DataError
+from .atomic import atomic_dir, write_json
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}

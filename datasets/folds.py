@@ -23,7 +23,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from datasets.table import DataError
+from .errors import DataError
 
 LABEL_PREFIX = "y:"
 NO_POSITIVE = -1

@@ -30,7 +30,7 @@ PNG / JPEG (Pillow)
     stored size, consistently).
 
 Every problem with a file (missing, empty, truncated, not an image, no pixel data, smaller than
-``MIN_SIDE`` pixels, no decoder) raises :class:`datasets.table.DataError` with one line that names
+``MIN_SIDE`` pixels, no decoder) raises :class:`datasets.errors.DataError` with one line that names
 the file. Non-radiograph modalities (MR, CT, NM...) still read: the reader decodes what it is given,
 and the dataset adapters quarantine them (the policy is ``datasets.adapters.ACCEPTED_MODALITIES``).
 """
@@ -53,7 +53,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
-from datasets.table import DataError
+from .errors import DataError
 
 READER_VERSION = "1"
 """Bumped whenever decoding or normalisation changes, so preprocessing caches rebuild."""

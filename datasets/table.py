@@ -27,16 +27,14 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from datasets.boxes import BOX_COLUMNS
+from .atomic import read_json, read_table, write_json, write_table
+from .boxes import BOX_COLUMNS
+from .errors import DataError
 
 ROLES = ("labeled", "unlabeled", "test")
 ITEM_COLUMNS = ["image_id", "patient_id", "path", "role", "has_study_label", "box_labeled"]
 BOX_TABLE_COLUMNS = ["image_id", "class_id", *BOX_COLUMNS, "source", "score"]
 QUARANTINE_COLUMNS = ["file", "row", "image_id", "problem"]
-
-
-class DataError(ValueError):
-    """Bad input data. The message is one line: which file, which row, what is wrong."""
 
 
 def label_column(name: str) -> str:
@@ -159,8 +157,6 @@ class ItemTable:
 
 def save_table(directory: str | Path, table: ItemTable) -> None:
     """Write the table as items.csv, boxes.csv, quarantine.csv and table.json (atomically each)."""
-    from loops.stages import write_json, write_table
-
     directory = Path(directory)
     write_table(directory / "items.csv", table.items)
     write_table(directory / "boxes.csv", table.boxes)
@@ -171,8 +167,6 @@ def save_table(directory: str | Path, table: ItemTable) -> None:
 
 
 def load_table(directory: str | Path) -> ItemTable:
-    from loops.stages import read_json, read_table
-
     directory = Path(directory)
     meta = read_json(directory / "table.json")
     items = read_table(directory / "items.csv")

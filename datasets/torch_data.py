@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.table import DataError
+from .errors import DataError
 
 
 def to_tensor(image: np.ndarray, mean: float, std: float) -> torch.Tensor:

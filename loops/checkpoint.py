@@ -1,4 +1,4 @@
-"""Classifier checkpoints that carry everything needed to use them.
+"""Model checkpoints that carry everything needed to use them.
 
 A checkpoint is ``torch.save`` of plain types + tensors: ``{"format", "state_dict", "meta"}``. The
 meta says which model to rebuild (name, classes, drop rates) and how its inputs were made
@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from datasets.table import DataError
-from loops.stages import atomic_path
-from teacher_student.config import PreprocessConfig
-from teacher_student.models import create_classifier
+from ..datasets.errors import DataError
+from ..datasets.atomic import atomic_path
+from ..datasets.config import PreprocessConfig
 
 FORMAT = "cxr-noisy-student/classifier/1"
 REQUIRED_META = ("model_name", "num_classes", "class_names", "preprocess", "activation")
@@ -85,13 +85,15 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model its meta names, load the weights strictly, return (model in eval mode, meta)."""
+def load_model(path: str | Path, build: Callable[[dict], nn.Module],
+               device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model its meta describes with ``build(meta)``, load the weights strictly, return
+    (model in eval mode, meta). ``build`` raising ValueError (an unknown model name) becomes a
+    CheckpointError naming the file."""
     ckpt = read_checkpoint(path)
     meta = ckpt["meta"]
     try:
-        model = create_classifier(meta["model_name"], int(meta["num_classes"]),
-                                  drop_rate=meta.get("drop_rate", 0.0), drop_path_rate=meta.get("drop_path_rate", 0.0))
+        model = build(meta)
     except ValueError as err:
         raise CheckpointError(f"{path}: cannot rebuild the model: {err}") from None
     result = _load_strict(model, ckpt["state_dict"])

@@ -28,12 +28,16 @@ import pandas as pd
 import torch
 import yaml
 
-from datasets.table import DataError, ItemTable, Quarantine, load_table, save_table
-from loops.stages import Stage, atomic_path, read_json, read_table, write_json, write_table
-from teacher_student import classification as cls
-from teacher_student import detection as det
-from teacher_student import gating, pseudo
-from teacher_student.config import EngineConfig, config_to_dict, fingerprint, matched_epochs
+from ..datasets.table import ItemTable, Quarantine, load_table, save_table
+
+from ..datasets.errors import DataError
+from .stages import Stage
+from ..datasets.atomic import atomic_path, read_json, read_table, write_json, write_table
+from ..teacher_student import classification as cls
+from ..teacher_student import detection as det
+from ..teacher_student import gating, pseudo
+from ..teacher_student.config import EngineConfig, matched_epochs
+from ..datasets.config import config_to_dict, fingerprint
 
 log = logging.getLogger("cxr.cycle")
 
@@ -111,9 +115,9 @@ class Run:
 
 def prepare(cfg: EngineConfig) -> Run:
     """Load and validate the data, build the preprocessing cache, assign leak-free folds."""
-    from datasets.adapters import load_dataset, load_hidden_truth
-    from datasets.cache import ImageCache
-    from datasets.folds import assign_folds, check_no_leak
+    from ..datasets.adapters import load_dataset, load_hidden_truth
+    from ..datasets.cache import ImageCache
+    from ..datasets.folds import assign_folds, check_no_leak
 
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +125,7 @@ def prepare(cfg: EngineConfig) -> Run:
         tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     root = Path(cfg.data.root)
     if cfg.data.format == "demo":
-        from datasets.demo import make_demo_dataset
+        from ..datasets.demo import make_demo_dataset
 
         if len(cfg.data.demo_counts) != 3:
             raise DataError("data.demo_counts: give three numbers: labeled, unlabeled, test")
@@ -165,7 +169,7 @@ def prepare(cfg: EngineConfig) -> Run:
 
 
 def preprocess_of(meta: dict):
-    from loops.checkpoint import preprocess_from_meta
+    from .checkpoint import preprocess_from_meta
 
     return preprocess_from_meta(meta)
 
@@ -539,7 +543,7 @@ def run_cycles(cfg: EngineConfig) -> dict:
 def write_reports(run: Run, cycles: int) -> None:
     """Per-cycle pseudo-label quality reports and the index. A report that fails is logged, not
     fatal: the run's results are already on disk and a report can be rebuilt from them."""
-    from teacher_student.report import write_cycle_report, write_index
+    from ..teacher_student.report import write_cycle_report, write_index
 
     load = run.load_for({"preprocess": config_to_dict(run.cfg.preprocess)})
     for cycle in range(1, cycles + 1):

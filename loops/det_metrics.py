@@ -21,7 +21,7 @@ from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from datasets.boxes import BOX_COLUMNS, iou_matrix
+from ..datasets.boxes import BOX_COLUMNS, iou_matrix
 
 Interpolation = Literal["all", "coco101"]
 

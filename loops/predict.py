@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from augment.transforms import apply_view, tta_views
+from ..augment.transforms import apply_view, tta_views
 
 
 def amp_context(device: torch.device, enabled: bool = True):

@@ -29,8 +29,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from loops.predict import activate, amp_context, amp_dtype, predict_logits
-from teacher_student.config import TrainConfig
+from .predict import activate, amp_context, amp_dtype, predict_logits
+from .config import TrainConfig
 
 LossKind = Literal["softmax", "bce"]
 MetricFn = Callable[[np.ndarray, np.ndarray], float]

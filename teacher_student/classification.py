@@ -16,17 +16,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from augment.transforms import student_transform, teacher_transform
-from datasets.table import DataError, ItemTable
-from datasets.torch_data import ClassificationDataset
-from loops.checkpoint import load_classifier, save_checkpoint
-from loops.metrics import classification_metrics
-from loops.predict import predict_probs
-from loops.stages import read_table, write_json, write_table
-from loops.train import fit
-from teacher_student import pseudo
-from teacher_student.config import EngineConfig, config_to_dict, ladder_value
-from teacher_student.models import create_classifier
+from ..augment.transforms import student_transform, teacher_transform
+from ..datasets.table import ItemTable
+from ..datasets.errors import DataError
+from ..datasets.torch_data import ClassificationDataset
+from ..loops.checkpoint import save_checkpoint
+from .models import load_classifier
+from ..loops.metrics import classification_metrics
+from ..loops.predict import predict_probs
+from ..datasets.atomic import read_table, write_json, write_table
+from ..loops.train import fit
+from . import pseudo
+from .config import EngineConfig, ladder_value
+from ..datasets.config import config_to_dict
+from .models import create_classifier
 
 PROB_PREFIX = "p:"
 

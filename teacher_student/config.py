@@ -7,9 +7,7 @@ the command line with ``key.sub=value``; an unknown key fails with a "did you me
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import hashlib
 import json
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -18,95 +16,12 @@ from typing import Any, Literal
 
 import yaml
 
+from ..datasets.config import DataConfig, FoldConfig, PreprocessConfig, config_to_dict, fingerprint
+from ..datasets.errors import ConfigError
+from ..loops.config import TrainConfig
 
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the images and labels are, and in which format."""
-
-    format: Literal["demo", "vinbigdata", "siim", "generic"] = "demo"
-    """Input layout: the built-in demo, Kaggle VinBigData, Kaggle SIIM-COVID19, or an images CSV."""
-    root: str = "demo_data"
-    """Data root; every image path must resolve inside it."""
-    labels_csv: str = ""
-    """Generic/VinBigData: the label table, relative to root (adapter default when empty)."""
-    images_csv: str = ""
-    """Generic: one row per image (image_id, patient_id, path, study label, role...)."""
-    study_label_column: str = "label_group"
-    """Generic: column holding the study-level class name."""
-    study_classes: tuple[str, ...] = ()
-    """Class names of the study-level classifier; empty: taken from the adapter."""
-    normal_class: str = ""
-    """The study class meaning "nothing abnormal"; P(abnormal) = 1 - P(normal). Empty: adapter's."""
-    box_classes: tuple[str, ...] = ()
-    """Detector class names; empty: taken from the adapter."""
-    fuse_radiologists: bool = True
-    """VinBigData: fuse the boxes of several radiologists with WBF (as the top solutions did)."""
-    radiologist_iou_thr: float = 0.4
-    """WBF IoU threshold when fusing radiologists' boxes."""
-    demo_counts: tuple[int, ...] = (120, 360, 120)
-    """Demo format only: labeled, unlabeled and held-out test images generated into root."""
-    demo_image_size: int = 256
-    """Demo format only: pixel size of the generated DICOMs."""
-    on_bad_input: Literal["quarantine", "error"] = "quarantine"
-    """quarantine: bad rows are set aside and reported; error: the first bad row stops the run."""
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How a source image becomes the array the models read. Saved in every checkpoint."""
-
-    size: int = 512
-    """Images are resized to size x size (normalized boxes are unchanged by this)."""
-    percentile_clip: tuple[float, float] = (0.5, 99.5)
-    """Applied when a DICOM has no window/VOI LUT: robust min-max over these percentiles."""
-    mean: float = 0.5
-    """Normalisation of the [0, 1] image: (x - mean) / std."""
-    std: float = 0.25
-    """See mean."""
-
-
-@dataclass(frozen=True)
-class FoldConfig:
-    k: int = 5
-    """Number of folds: k teachers, each labeled image predicted out-of-fold once."""
-    seed: int = 42
-    """Seed of the stratified grouped fold split."""
-    phash_max_distance: int = 4
-    """DCT perceptual-hash Hamming distance (of 64 bits) up to which two images are one duplicate
-    group (pixel-identical images always are). Measured on the shared set: re-encoded copies at 0,
-    a known near-duplicate at 2, the closest unrelated films at 6; see datasets/cache.py."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings shared by the classifier (and the effdet detector)."""
-
-    epochs: int = 10
-    """Training epochs (teachers; see student_epochs)."""
-    batch_size: int = 32
-    """Images per step."""
-    lr: float = 1e-3
-    """Peak learning rate (after linear warmup, then cosine decay)."""
-    weight_decay: float = 1e-2
-    """Decoupled weight decay (AdamW) or L2 (SGD)."""
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    """adamw or sgd (Nesterov momentum 0.9)."""
-    warmup_epochs: float = 1.0
-    """Linear warmup length in epochs."""
-    ema_decay: float = 0.0
-    """0 disables the exponential moving average of weights."""
-    grad_clip: float = 5.0
-    """Gradient norm clipping; 0 disables it."""
-    patience: int = 0
-    """Early stopping patience in epochs on the validation metric; 0 disables it."""
-    amp: bool = True
-    """Mixed precision and channels_last, used only on CUDA."""
-    workers: int = 0
-    """DataLoader worker processes (0: load in the training process)."""
+PRESETS = Path(__file__).resolve().parent / "presets"
+"""The built-in configs: ``demo.yaml`` (the default of ``run_cycle.py``) and worked examples."""
 
 
 @dataclass(frozen=True)
@@ -325,11 +240,6 @@ def config_from_dict(data: dict) -> EngineConfig:
     return _build(EngineConfig, data, "")
 
 
-def config_to_dict(cfg: Any) -> dict:
-    out = dataclasses.asdict(cfg)
-    return json.loads(json.dumps(out))  # tuples -> lists, for YAML/JSON round trips
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'detector.epochs=3' -> (['detector', 'epochs'], 3) with YAML scalar parsing of the value."""
     if "=" not in text:
@@ -369,14 +279,6 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def fingerprint(obj: Any) -> str:
-    """Stable short hash of a config (or any JSON-able value), used to key stage outputs."""
-    if is_dataclass(obj):
-        obj = config_to_dict(obj)
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def with_changes(cfg: Any, **changes: Any) -> Any:
     """dataclasses.replace, named for readability at call sites."""
     return replace(cfg, **changes)
@@ -384,21 +286,11 @@ def with_changes(cfg: Any, **changes: Any) -> Any:
 
 def config_reference() -> list[tuple[str, str, str]]:
     """(key, default, description) for every config key, descriptions taken from the docstrings
-    under each field in this file (the README's config reference is generated from this)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(inspect.getmodule(config_reference)))
-    docs: dict[tuple[str, str], str] = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            body = node.body
-            for stmt, nxt in zip(body, body[1:] + [None]):
-                if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                    docs[(node.name, stmt.target.id)] = " ".join(str(nxt.value.value).split())
+    under each field of the section classes (the README's config reference is generated from this)."""
     rows: list[tuple[str, str, str]] = []
 
     def walk(cls: type, prefix: str) -> None:
+        docs = _field_docs(cls)
         default = cls()
         for f in fields(cls):
             value = getattr(default, f.name)
@@ -406,7 +298,21 @@ def config_reference() -> list[tuple[str, str, str]]:
                 walk(type(value), f"{prefix}{f.name}.")
             else:
                 shown = json.dumps(list(value) if isinstance(value, tuple) else value)
-                rows.append((f"{prefix}{f.name}", shown, docs.get((cls.__name__, f.name), "")))
+                rows.append((f"{prefix}{f.name}", shown, docs.get(f.name, "")))
 
     walk(EngineConfig, "")
     return rows
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each annotated field of a dataclass, read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(node.body, node.body[1:] + [None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+    return docs

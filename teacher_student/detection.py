@@ -13,15 +13,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from datasets.adapters import training_boxes
-from datasets.boxes import BOX_COLUMNS
-from datasets.table import DataError, ItemTable
-from loops.det_metrics import mean_average_precision, true_positive_mask
-from loops.stages import read_table, write_json, write_table
-from teacher_student import pseudo
-from teacher_student.config import EngineConfig, ladder_value
-from teacher_student.detectors import create_detector, load_detector
-from teacher_student.fusion import fuse_boxes
+from ..datasets.adapters import training_boxes
+from ..datasets.boxes import BOX_COLUMNS
+from ..datasets.table import ItemTable
+from ..datasets.errors import DataError
+from ..loops.det_metrics import mean_average_precision, true_positive_mask
+from ..datasets.atomic import read_table, write_json, write_table
+from . import pseudo
+from .config import EngineConfig, ladder_value
+from .detectors import create_detector, load_detector
+from .fusion import fuse_boxes
 
 BOX_OUT = ["image_id", "class_id", *BOX_COLUMNS, "score"]
 

@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -32,17 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from datasets.boxes import BOX_COLUMNS, hflip
-from datasets.det_data import check_image
-from datasets.table import DataError
-from loops.stages import atomic_path, write_json
-
-# The engine runs offline. Both variables are read when the library is first imported (ultralytics
-# and albumentations are imported lazily below, so these defaults normally arrive in time):
-# YOLO_OFFLINE stops ultralytics' online checks; albumentations otherwise asks PyPI for a newer
-# version on import. run_cycle / the package should set them too, before anything imports either.
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from ..datasets.boxes import BOX_COLUMNS, hflip
+from ..datasets.det_data import check_image
+from ..datasets.errors import DataError
+from ..datasets.atomic import atomic_path, write_json
 
 PREDICTION_COLUMNS = ["image_id", "class_id", *BOX_COLUMNS, "score", "view"]
 CHECKPOINT_FORMAT = 1
@@ -257,7 +249,7 @@ def yolo_augment_overrides(*, img_size: int, n: int, m: float, hflip: bool, epoc
     scale), flips follow ``hflip``; mosaic grows with M for students (0 for teachers: n == 0) and is
     closed for the last quarter of the epochs (at most 10), when the model settles on whole images.
     """
-    from augment.transforms import M_MAX, detection_transform
+    from ..augment.transforms import M_MAX, detection_transform
 
     f = min(max(float(m), 0.0), M_MAX) / M_MAX if n > 0 else 0.0
     if img_size < MOSAIC_MIN_SIZE:
@@ -392,7 +384,7 @@ class YoloDetector(Detector):
 
     def _export(self, train_ids, val_ids, boxes_df, load, out_dir: Path) -> Path:
         """YOLO export of this fold (datasets.export); without val images it validates on train."""
-        from datasets.export import export_yolo
+        from ..datasets.export import export_yolo
 
         split = {**{str(i): "train" for i in train_ids}, **{str(i): "val" for i in val_ids}}
         items = pd.DataFrame({"image_id": list(split)})
@@ -497,8 +489,8 @@ class EffdetDetector(Detector):
     def fit(self, train_ids, val_ids, boxes_df, load, workdir, *, epochs, batch_size, lr, img_size=None,
             randaugment_n=0, randaugment_m=0, hflip=True, device="cpu", seed=0, log=None, transform=None) -> dict:
         """As ``Detector.fit``; ``transform`` overrides the default ``detection_transform(size, n, m)``."""
-        from augment.transforms import detection_transform
-        from datasets.det_data import DetectionDataset
+        from ..augment.transforms import detection_transform
+        from ..datasets.det_data import DetectionDataset
 
         if len(train_ids) < 2:
             raise ValueError("effdet training needs at least 2 images (batch norm on 1x1 feature maps)")
@@ -535,8 +527,8 @@ class EffdetDetector(Detector):
 
     @torch.no_grad()
     def _predict_arrays(self, images, *, conf_floor):
-        from datasets.boxes import from_effdet_prediction
-        from datasets.det_data import image_tensor
+        from ..datasets.boxes import from_effdet_prediction
+        from ..datasets.det_data import image_tensor
 
         if self._bench is None:
             self._to_device(self.device)
@@ -623,7 +615,7 @@ def create_detector(
 
 def load_detector(path: str | Path, device: str | torch.device | None = "cpu") -> Detector:
     """Rebuild a detector from its checkpoint (``torch.load(weights_only=True)``) on ``device``."""
-    from loops.checkpoint import safe_torch_load
+    from ..loops.checkpoint import safe_torch_load
 
     ckpt = safe_torch_load(path, "detector checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("kind") not in _CLASSES:

@@ -37,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datasets.boxes import BOX_COLUMNS
-from datasets.table import DataError, ItemTable, load_table
-from loops.stages import atomic_path, read_json, read_table, write_json, write_table
-from teacher_student.report import check_cycle, cycles_run, default_loader, label_strings, load_run_config
+from ..datasets.boxes import BOX_COLUMNS
+from ..datasets.table import ItemTable, load_table
+from ..datasets.errors import DataError
+from ..datasets.atomic import atomic_path, read_json, read_table, write_json, write_table
+from .report import check_cycle, cycles_run, default_loader, label_strings, load_run_config
 
 FORMATS = ("csv", "yolo", "coco", "submission")
 CSV_COLUMNS = ["image_id", "kind", "label", "class_id", "score", "copies", "cycle", "source", "folds", "models",
@@ -156,7 +157,7 @@ def negative_rows(pseudo_dir: Path, cycle: int) -> pd.DataFrame:
 
 def ground_truth_rows(table: ItemTable, run_dir: Path) -> pd.DataFrame:
     """Labeled images' study labels and ground-truth boxes in the same columns (cycle 0, score 1)."""
-    from datasets.adapters import training_boxes
+    from ..datasets.adapters import training_boxes
 
     labeled = table.items[(table.items["role"] == "labeled") & table.items["has_study_label"]]
     names = list(table.study_classes)
@@ -195,7 +196,7 @@ def image_sizes(run_dir: Path, table: ItemTable, ids: list[str]) -> dict[str, tu
     items = table.items.set_index("image_id")
     if {"width", "height"} <= set(items.columns) and items.loc[ids, ["width", "height"]].notna().all().all():
         return {i: (int(w), int(h)) for i, (w, h) in zip(ids, items.loc[ids, ["width", "height"]].to_numpy())}
-    from datasets.cache import ImageCache
+    from ..datasets.cache import ImageCache
 
     cfg, _ = load_run_config(run_dir)
     info = ImageCache(Path(cfg.run.cache_dir) if cfg.run.cache_dir else run_dir / "cache", cfg.preprocess).info()
@@ -208,8 +209,8 @@ def image_sizes(run_dir: Path, table: ItemTable, ids: list[str]) -> dict[str, tu
 
 def export_coco_file(run_dir: Path, table: ItemTable, pseudo_dir: Path, dest: Path, *, include_labeled: bool) -> Path:
     """COCO JSON of the pseudo boxes (+ ground truth); every annotation carries score/source/cycle/models."""
-    from datasets.adapters import training_boxes
-    from datasets.export import export_coco
+    from ..datasets.adapters import training_boxes
+    from ..datasets.export import export_coco
 
     boxes, ids = pseudo_boxes_with_negatives(pseudo_dir)
     if include_labeled:
@@ -231,8 +232,8 @@ def export_coco_file(run_dir: Path, table: ItemTable, pseudo_dir: Path, dest: Pa
 
 def export_yolo_folder(run_dir: Path, table: ItemTable, pseudo_dir: Path, dest: Path) -> Path:
     """The student detector's training set of this cycle as a YOLO folder; val = fold 0's ground truth."""
-    from datasets.adapters import training_boxes
-    from datasets.export import export_yolo
+    from ..datasets.adapters import training_boxes
+    from ..datasets.export import export_yolo
 
     folds = read_table(run_dir / "data" / "folds.csv").set_index("image_id")["fold"]
     gt_ids = [i for i in labeled_box_ids(table) if i in folds.index]

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from ensemble_boxes import weighted_boxes_fusion
 
-from datasets.boxes import BOX_COLUMNS, box_problem, iou_matrix
+from ..datasets.boxes import BOX_COLUMNS, box_problem, iou_matrix
 
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")

@@ -12,9 +12,9 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from datasets.boxes import BOX_COLUMNS, to_pixels
-from loops.det_metrics import mean_average_precision
-from teacher_student.pseudo import gate_predictions
+from ..datasets.boxes import BOX_COLUMNS, to_pixels
+from ..loops.det_metrics import mean_average_precision
+from .pseudo import gate_predictions
 
 LOW_GRID = (0.0, 0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3)
 HIGH_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0)

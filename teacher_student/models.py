@@ -16,7 +16,8 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
-from datasets.table import DataError
+from ..datasets.errors import DataError
+from ..loops.checkpoint import load_model, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     normal case. A 3-channel first convolution is summed to one channel (as timm does), tensors
     whose shape differs (the head) are skipped, and one log line says what did not load.
     """
-    from loops.checkpoint import safe_torch_load
-
+    
     path = Path(path)
     state = safe_torch_load(path, "pretrained weights file (a torch state dict)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -120,3 +120,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """A classifier checkpoint rebuilt from its own meta (model name, classes, noise), in eval mode."""
+    return load_model(path, lambda meta: create_classifier(
+        meta["model_name"], int(meta["num_classes"]), drop_rate=meta.get("drop_rate", 0.0),
+        drop_path_rate=meta.get("drop_path_rate", 0.0)), device)

@@ -36,12 +36,14 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from datasets.boxes import BOX_COLUMNS
-from datasets.table import DataError, ItemTable, load_table
-from loops.det_metrics import true_positive_mask
-from loops.stages import atomic_path, read_json, read_table, write_json
-from teacher_student.config import ConfigError, EngineConfig, load_config
-from teacher_student.pseudo import precision_curve, sharpen
+from ..datasets.boxes import BOX_COLUMNS
+from ..datasets.table import ItemTable, load_table
+from ..datasets.errors import DataError
+from ..loops.det_metrics import true_positive_mask
+from ..datasets.atomic import atomic_path, read_json, read_table, write_json
+from .config import EngineConfig, load_config
+from ..datasets.errors import ConfigError
+from .pseudo import precision_curve, sharpen
 
 LabelMode = Literal["multiclass", "multilabel"]
 Loader = Callable[[str], np.ndarray]
@@ -395,7 +397,7 @@ def read_cycle(run_dir: str | Path, cycle: int) -> CycleData:
 
 def default_loader(run_dir: Path, cfg: EngineConfig) -> Loader:
     """The run's preprocessing cache (``run.cache_dir`` or ``<run>/cache``) as an image loader."""
-    from datasets.cache import ImageCache
+    from ..datasets.cache import ImageCache
 
     root = Path(cfg.run.cache_dir) if cfg.run.cache_dir else Path(run_dir) / "cache"
     return ImageCache(root, cfg.preprocess).load
@@ -460,7 +462,7 @@ def class_stats(d: CycleData, target: float) -> list[dict]:
 
 def box_gt(d: CycleData) -> pd.DataFrame:
     """Ground-truth boxes of the labeled, box-annotated images (the ones OOF boxes are scored on)."""
-    from datasets.adapters import training_boxes
+    from ..datasets.adapters import training_boxes
 
     boxed = set(d.table.items.loc[d.table.items["box_labeled"], "image_id"]) & set(d.folds.index)
     gt = training_boxes(d.table)
@@ -476,7 +478,7 @@ def box_truth_precision(d: CycleData) -> dict[str, float]:
     """Per box class, the share of kept pseudo boxes (on images with hidden truth) matching a true box."""
     if d.truth is None or not d.has_boxes:
         return {}
-    from datasets.adapters import training_boxes
+    from ..datasets.adapters import training_boxes
 
     known = set(d.truth.items.loc[d.truth.items["box_labeled"], "image_id"])
     boxes = d.box_pseudo[d.box_pseudo["image_id"].isin(known)]
@@ -849,7 +851,7 @@ def _dig(d, *keys):
 
 
 def computed_metrics(d: CycleData, gen: int) -> dict:
-    from loops.metrics import classification_metrics
+    from ..loops.metrics import classification_metrics
 
     oof = read_table(d.gen_dir(gen, "classifier") / "oof.csv")
     known = set(d.table.items.loc[d.table.items["has_study_label"], "image_id"])
@@ -859,7 +861,7 @@ def computed_metrics(d: CycleData, gen: int) -> dict:
     out = {"auc_oof": m["auc_macro"], "auc_test": None, "map_oof": None, "map_test": None}
     boxes = d.gen_dir(gen, "detector") / "oof_boxes.csv"
     if d.table.box_classes and boxes.exists():
-        from loops.det_metrics import mean_average_precision
+        from ..loops.det_metrics import mean_average_precision
 
         gt = box_gt(d)
         ids = sorted(set(d.table.items.loc[d.table.items["box_labeled"], "image_id"]) & set(d.folds.index))

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from datasets.adapters import (
+from cxr_noisy_student.datasets.adapters import (
     CXR_COVID_STUDY_CLASSES,
     FUSED_SOURCE,
     VINBIG_BOX_CLASSES,
@@ -26,9 +26,10 @@ from datasets.adapters import (
     parse_siim_boxes,
     training_boxes,
 )
-from datasets.readers import pseudonymize
-from datasets.table import DataError, Quarantine
-from teacher_student.config import DataConfig
+from cxr_noisy_student.datasets.readers import pseudonymize
+from cxr_noisy_student.datasets.table import Quarantine
+from cxr_noisy_student.datasets.errors import DataError
+from cxr_noisy_student.datasets.config import DataConfig
 
 SIIM_FILE = "siim_acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 DICOM_SIZE = 1024

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from augment.transforms import (  # _ops: the op list itself, to check every op
+from cxr_noisy_student.augment.transforms import (  # _ops: the op list itself, to check every op
     N_OPS, _ops, apply_detection, apply_view, detection_transform, student_transform, teacher_transform, tta_views,
 )
-from datasets.boxes import box_problem, from_pixels, hflip, iou_matrix
+from cxr_noisy_student.datasets.boxes import box_problem, from_pixels, hflip, iou_matrix
 
 SIZE = 64
 RANDAUGMENT_OPS = {"Affine", "RandomBrightnessContrast", "RandomGamma", "CLAHE", "Sharpen", "GaussianBlur", "BankedGaussNoise", "Equalize", "Posterize"}

@@ -31,12 +31,13 @@ import pydicom
 import pytest
 from PIL import Image
 
-from datasets.adapters import load_dataset
-from datasets.cache import ImageCache
-from datasets.table import DataError
-from loops.cycle import prepare
-from loops.stages import read_json
-from teacher_student.config import DataConfig, EngineConfig, FoldConfig, PreprocessConfig, RunConfig
+from cxr_noisy_student.datasets.adapters import load_dataset
+from cxr_noisy_student.datasets.cache import ImageCache
+from cxr_noisy_student.datasets.errors import DataError
+from cxr_noisy_student.loops.cycle import prepare
+from cxr_noisy_student.datasets.atomic import read_json
+from cxr_noisy_student.teacher_student.config import EngineConfig, RunConfig
+from cxr_noisy_student.datasets.config import DataConfig, FoldConfig, PreprocessConfig
 from test_adapters import SIIM_FILE, VINBIG_ROWS, _dicom, _png, _write, vinbig_root  # noqa: F401 (fixture)
 from test_readers import _truncated_png
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasets.cache import (
+from cxr_noisy_student.datasets.cache import (
     STALE_TEMP_SECONDS,
     ImageCache,
     dhash,
@@ -19,9 +19,9 @@ from datasets.cache import (
     pixel_hash,
     preprocess_image,
 )
-from datasets.readers import image_size, read_image
-from datasets.table import DataError
-from teacher_student.config import PreprocessConfig
+from cxr_noisy_student.datasets.readers import image_size, read_image
+from cxr_noisy_student.datasets.errors import DataError
+from cxr_noisy_student.datasets.config import PreprocessConfig
 
 SIZE = 64
 PNG_IDS = ["cxr_0005", "cxr_0006", "cxr_0007", "cxr_0008", "cxr_0009", "cxr_0010", "cxr_0013", "cxr_0014",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from teacher_student.config import (ConfigError, EngineConfig, config_reference, config_to_dict, fingerprint,
+from cxr_noisy_student.teacher_student.config import (ConfigError, EngineConfig, config_reference, config_to_dict, fingerprint,
                                     ladder_value, load_config)
 
 ROOT = Path(__file__).resolve().parents[1]

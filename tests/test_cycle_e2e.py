@@ -89,7 +89,7 @@ def test_every_labeled_image_is_predicted_once_by_a_model_that_never_saw_it(base
 
 
 def test_checkpoints_carry_their_preprocessing(baseline):
-    from loops.checkpoint import load_classifier
+    from cxr_noisy_student.teacher_student.models import load_classifier
 
     run, _, _ = baseline
     model, meta = load_classifier(run / "gen1" / "classifier" / "fold0" / "checkpoint.pt", "cpu")

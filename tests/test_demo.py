@@ -11,10 +11,10 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from datasets import demo
-from datasets.boxes import iou_matrix
-from datasets.table import DataError
-from loops.stages import read_json
+from cxr_noisy_student.datasets import demo
+from cxr_noisy_student.datasets.boxes import iou_matrix
+from cxr_noisy_student.datasets.errors import DataError
+from cxr_noisy_student.datasets.atomic import read_json
 
 SMALL = {"n_labeled": 6, "n_unlabeled": 6, "n_test": 6, "size": 128}
 

@@ -8,8 +8,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from datasets.boxes import BOX_COLUMNS, from_pixels, to_coco
-from loops.det_metrics import average_precision, mean_average_precision
+from cxr_noisy_student.datasets.boxes import BOX_COLUMNS, from_pixels, to_coco
+from cxr_noisy_student.loops.det_metrics import average_precision, mean_average_precision
 
 GT_COLS = ["image_id", "class_id", *BOX_COLUMNS]
 PRED_COLS = GT_COLS + ["score"]

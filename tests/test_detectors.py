@@ -13,10 +13,10 @@ import torch
 import yaml
 from PIL import Image
 
-from datasets.boxes import from_effdet_prediction, hflip, to_effdet
-from datasets.det_data import DetectionDataset
-from datasets.table import DataError
-from teacher_student.detectors import PREDICTION_COLUMNS, create_detector, load_detector
+from cxr_noisy_student.datasets.boxes import from_effdet_prediction, hflip, to_effdet
+from cxr_noisy_student.datasets.det_data import DetectionDataset
+from cxr_noisy_student.datasets.errors import DataError
+from cxr_noisy_student.teacher_student.detectors import PREDICTION_COLUMNS, create_detector, load_detector
 
 SIZE = 128
 CLASSES = ["square", "other"]
@@ -224,7 +224,7 @@ def test_factory_and_loader_reject_bad_input(tmp_path):
 def test_detection_dataset_with_box_safe_transform_and_bad_boxes(squares):
     import albumentations as A
 
-    from augment.transforms import detection_transform
+    from cxr_noisy_student.augment.transforms import detection_transform
 
     images, boxes = squares
     ids = list(boxes["image_id"])
@@ -246,7 +246,7 @@ def test_detection_dataset_with_box_safe_transform_and_bad_boxes(squares):
 
 
 def test_yolo_augmentation_mapping_grows_with_magnitude():
-    from teacher_student.detectors import yolo_augment_overrides
+    from cxr_noisy_student.teacher_student.detectors import yolo_augment_overrides
 
     teacher = yolo_augment_overrides(img_size=256, n=0, m=0, hflip=True, epochs=20)
     student = yolo_augment_overrides(img_size=256, n=2, m=15, hflip=False, epochs=20)

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from datasets.boxes import BOX_COLUMNS
-from datasets.export import export_coco, export_yolo, read_coco, read_yolo_labels
-from datasets.table import DataError
+from cxr_noisy_student.datasets.boxes import BOX_COLUMNS
+from cxr_noisy_student.datasets.export import export_coco, export_yolo, read_coco, read_yolo_labels
+from cxr_noisy_student.datasets.errors import DataError
 
 CLASSES = ("Nodule/Mass", "Pleural effusion")
 SIZE = 48

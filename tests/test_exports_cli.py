@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 import run_cycle
-from datasets.export import read_coco
-from teacher_student.exports import CSV_COLUMNS, export_main
+from cxr_noisy_student.datasets.export import read_coco
+from cxr_noisy_student.teacher_student.exports import CSV_COLUMNS, export_main
 from test_report import make_synthetic_run  # the shared synthetic-run builder (tests/ is on sys.path)
 
 CYCLE = 2

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from datasets.adapters import load_cxr_covid, load_generic
-from datasets.cache import dct_phash
-from datasets.readers import read_image
-from datasets.folds import assign_folds, check_no_leak, duplicate_groups, fold_strata
-from datasets.table import DataError
+from cxr_noisy_student.datasets.adapters import load_cxr_covid, load_generic
+from cxr_noisy_student.datasets.cache import dct_phash
+from cxr_noisy_student.datasets.readers import read_image
+from cxr_noisy_student.datasets.folds import assign_folds, check_no_leak, duplicate_groups, fold_strata
+from cxr_noisy_student.datasets.errors import DataError
 
 CROSS_PATIENT_PAIRS = [("cxr_0132", "cxr_0208"), ("cxr_0133", "cxr_0209"), ("cxr_0134", "cxr_0210"),
                        ("cxr_0135", "cxr_0211")]

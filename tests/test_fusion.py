@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from teacher_student.fusion import FUSED_COLUMNS, fuse_boxes
+from cxr_noisy_student.teacher_student.fusion import FUSED_COLUMNS, fuse_boxes
 
 COLS = ["image_id", "class_id", "x_min", "y_min", "x_max", "y_max", "score", "model"]
 

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from teacher_student.gating import gated_map, siim_submission, tune_gate, vinbigdata_submission, with_no_finding
+from cxr_noisy_student.teacher_student.gating import gated_map, siim_submission, tune_gate, vinbigdata_submission, with_no_finding
 
 ITEMS = pd.DataFrame({"image_id": ["a", "b"], "study_id": ["s1", "s1"], "width": [100, 200], "height": [100, 100]})
 PRED = pd.DataFrame({"image_id": ["a", "a"], "class_id": [3, 1], "x_min": [0.1, 0.0], "y_min": [0.1, 0.0],

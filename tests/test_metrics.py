@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
-from loops.metrics import (
+from cxr_noisy_student.loops.metrics import (
     apply_ordinal_thresholds, classification_metrics, optimize_ordinal_thresholds, quadratic_weighted_kappa, soft_log_loss,
 )
 

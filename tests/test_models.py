@@ -5,8 +5,8 @@ import pytest
 import timm
 import torch
 
-from datasets.table import DataError
-from teacher_student.models import TINY_LADDER, count_parameters, create_classifier
+from cxr_noisy_student.datasets.errors import DataError
+from cxr_noisy_student.teacher_student.models import TINY_LADDER, count_parameters, create_classifier
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,7 +32,7 @@ def test_noise_reaches_the_model():
 
 
 def test_model_without_stochastic_depth_is_built_without_it(caplog):
-    with caplog.at_level(logging.WARNING, logger="teacher_student.models"):
+    with caplog.at_level(logging.WARNING, logger="cxr_noisy_student.teacher_student.models"):
         model = create_classifier("dla46x_c", 2, drop_rate=0.2, drop_path_rate=0.1)
     assert "does not support drop_path_rate" in caplog.text
     assert model.head_drop.p == 0.2  # the noise the model does support is kept
@@ -52,7 +52,7 @@ def test_local_state_dict_from_rgb_model_with_another_head(tmp_path, caplog):
     rgb = timm.create_model("test_efficientnet", num_classes=10)  # 3 channels, 10 classes: the ImageNet-like case
     path = tmp_path / "rgb.pt"
     torch.save(rgb.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="teacher_student.models"):
+    with caplog.at_level(logging.INFO, logger="cxr_noisy_student.teacher_student.models"):
         model = create_classifier("test_efficientnet", 2, pretrained=str(path))
     assert torch.allclose(model.conv_stem.weight, rgb.conv_stem.weight.sum(dim=1, keepdim=True))
     rgb_state = rgb.state_dict()
@@ -79,6 +79,6 @@ def test_bad_weights_path_is_a_one_line_data_error(tmp_path):
 def test_partly_matching_state_dict_loads_with_a_warning(tmp_path, caplog):
     other = tmp_path / "resnet.pt"
     torch.save(timm.create_model("test_resnet").state_dict(), other)  # shares a few names (bn1) only
-    with caplog.at_level(logging.INFO, logger="teacher_student.models"):
+    with caplog.at_level(logging.INFO, logger="cxr_noisy_student.teacher_student.models"):
         create_classifier("test_efficientnet", 2, pretrained=str(other))
     assert [r.levelno for r in caplog.records] == [logging.WARNING] and "unexpected" in caplog.text

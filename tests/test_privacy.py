@@ -23,8 +23,8 @@ import pydicom
 import pytest
 import torch
 
-from datasets.demo import make_demo_dataset
-from datasets.readers import pseudonymize
+from cxr_noisy_student.datasets.demo import make_demo_dataset
+from cxr_noisy_student.datasets.readers import pseudonymize
 
 ROOT = Path(__file__).resolve().parents[1]
 IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "ReferringPhysicianName",

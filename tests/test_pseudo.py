@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from teacher_student import pseudo
+from cxr_noisy_student.teacher_student import pseudo
 
 
 def test_sharpen_multiclass_matches_hand_computation():

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from datasets.readers import (
+from cxr_noisy_student.datasets.readers import (
     dicom_modality,
     dicom_pixels,
     image_size,
@@ -23,7 +23,7 @@ from datasets.readers import (
     read_image,
     safe_dicom_summary,
 )
-from datasets.table import DataError
+from cxr_noisy_student.datasets.errors import DataError
 
 SIIM = "siim_acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 EDGE_FILES = {

@@ -31,12 +31,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from datasets.boxes import BOX_COLUMNS
-from datasets.table import DataError, ItemTable, label_column, save_table
-from loops.stages import write_json, write_table
-from teacher_student import pseudo
-from teacher_student.config import EngineConfig, config_to_dict, load_config
-from teacher_student.report import (expected_calibration_error, label_issues, reliability_table, true_positive_mask,
+from cxr_noisy_student.datasets.boxes import BOX_COLUMNS
+from cxr_noisy_student.datasets.table import ItemTable, label_column, save_table
+from cxr_noisy_student.datasets.errors import DataError
+from cxr_noisy_student.datasets.atomic import write_json, write_table
+from cxr_noisy_student.teacher_student import pseudo
+from cxr_noisy_student.teacher_student.config import EngineConfig, load_config
+from cxr_noisy_student.datasets.config import config_to_dict
+from cxr_noisy_student.teacher_student.report import (expected_calibration_error, label_issues, reliability_table, true_positive_mask,
                                     verdict, write_cycle_report, write_index)
 
 VERDICTS = {"trust", "review", "do not use", "none kept"}
@@ -211,7 +213,7 @@ def _select_boxes(out, cfg, table, truth, c, cls_preds, det_preds, det_pool) -> 
 
 
 def _final(run, table, cls_preds, det_preds):
-    from teacher_student.gating import vinbigdata_submission
+    from cxr_noisy_student.teacher_student.gating import vinbigdata_submission
 
     out = run / "final"
     pool = cls_preds["pool"]
@@ -234,7 +236,7 @@ def _final(run, table, cls_preds, det_preds):
 
 
 def _summary(table, gens, cycles, gate) -> dict:
-    from loops.metrics import classification_metrics
+    from cxr_noisy_student.loops.metrics import classification_metrics
 
     records = []
     for g, (cls_p, _) in enumerate(gens):
@@ -346,8 +348,8 @@ def make_synthetic_run(root: Path, *, image_paths=None, n_labeled=18, n_unlabele
 def _loader(run: Path, table: ItemTable, arrays: dict | None, size: int):
     """The tiny in-memory loader; with real files, filled from a real cache built in <run>/cache."""
     if arrays is None:
-        from datasets.cache import ImageCache
-        from teacher_student.config import PreprocessConfig
+        from cxr_noisy_student.datasets.cache import ImageCache
+        from cxr_noisy_student.datasets.config import PreprocessConfig
 
         cache = ImageCache(run / "cache", PreprocessConfig(size=size))
         failures = cache.build(table.items[["image_id", "path"]], workers=0)

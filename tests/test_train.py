@@ -5,15 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from augment.transforms import student_transform, teacher_transform
-from datasets.table import DataError
-from datasets.torch_data import ClassificationDataset
-from loops.checkpoint import CheckpointError, load_classifier, preprocess_from_meta, save_checkpoint
-from loops.metrics import classification_metrics
-from loops.predict import predict_probs
-from loops.train import Hook, ProgressHook, fit, lr_factor, sample_losses, weighted_loss
-from teacher_student.config import PreprocessConfig, TrainConfig, config_to_dict
-from teacher_student.models import create_classifier
+from cxr_noisy_student.augment.transforms import student_transform, teacher_transform
+from cxr_noisy_student.datasets.errors import DataError
+from cxr_noisy_student.datasets.torch_data import ClassificationDataset
+from cxr_noisy_student.loops.checkpoint import CheckpointError, preprocess_from_meta, save_checkpoint
+from cxr_noisy_student.teacher_student.models import load_classifier
+from cxr_noisy_student.loops.metrics import classification_metrics
+from cxr_noisy_student.loops.predict import predict_probs
+from cxr_noisy_student.loops.train import Hook, ProgressHook, fit, lr_factor, sample_losses, weighted_loss
+from cxr_noisy_student.loops.config import TrainConfig
+from cxr_noisy_student.datasets.config import PreprocessConfig, config_to_dict
+from cxr_noisy_student.teacher_student.models import create_classifier
 
 MODEL = "test_efficientnet"  # 0.1 M parameters, has BatchNorm (the case precise BN is for)
 SIZE = 32

@@ -21,7 +21,7 @@ TINY = {
 
 
 def make_tiny_demo(root: Path) -> Path:
-    from datasets.demo import make_demo_dataset
+    from cxr_noisy_student.datasets.demo import make_demo_dataset
 
     make_demo_dataset(root, n_labeled=16, n_unlabeled=16, n_test=8, size=64)
     return root

@@ -1,0 +1,86 @@
+"""Config sections of the data layer, and the two helpers every layer uses on configs (ground floor).
+
+Why frozen dataclasses: a config that cannot change after loading can be hashed and saved next to
+the results it made, which is what makes stages resumable (a stage's outputs are reused only when
+the config slice that made them is identical). The sections live next to the layer that reads
+them; ``teacher_student.config`` composes them into ``EngineConfig`` and loads YAML. Imports
+nothing of the project.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, is_dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images and labels are, and in which format."""
+
+    format: Literal["demo", "vinbigdata", "siim", "generic"] = "demo"
+    """Input layout: the built-in demo, Kaggle VinBigData, Kaggle SIIM-COVID19, or an images CSV."""
+    root: str = "demo_data"
+    """Data root; every image path must resolve inside it."""
+    labels_csv: str = ""
+    """Generic/VinBigData: the label table, relative to root (adapter default when empty)."""
+    images_csv: str = ""
+    """Generic: one row per image (image_id, patient_id, path, study label, role...)."""
+    study_label_column: str = "label_group"
+    """Generic: column holding the study-level class name."""
+    study_classes: tuple[str, ...] = ()
+    """Class names of the study-level classifier; empty: taken from the adapter."""
+    normal_class: str = ""
+    """The study class meaning "nothing abnormal"; P(abnormal) = 1 - P(normal). Empty: adapter's."""
+    box_classes: tuple[str, ...] = ()
+    """Detector class names; empty: taken from the adapter."""
+    fuse_radiologists: bool = True
+    """VinBigData: fuse the boxes of several radiologists with WBF (as the top solutions did)."""
+    radiologist_iou_thr: float = 0.4
+    """WBF IoU threshold when fusing radiologists' boxes."""
+    demo_counts: tuple[int, ...] = (120, 360, 120)
+    """Demo format only: labeled, unlabeled and held-out test images generated into root."""
+    demo_image_size: int = 256
+    """Demo format only: pixel size of the generated DICOMs."""
+    on_bad_input: Literal["quarantine", "error"] = "quarantine"
+    """quarantine: bad rows are set aside and reported; error: the first bad row stops the run."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a source image becomes the array the models read. Saved in every checkpoint."""
+
+    size: int = 512
+    """Images are resized to size x size (normalized boxes are unchanged by this)."""
+    percentile_clip: tuple[float, float] = (0.5, 99.5)
+    """Applied when a DICOM has no window/VOI LUT: robust min-max over these percentiles."""
+    mean: float = 0.5
+    """Normalisation of the [0, 1] image: (x - mean) / std."""
+    std: float = 0.25
+    """See mean."""
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    k: int = 5
+    """Number of folds: k teachers, each labeled image predicted out-of-fold once."""
+    seed: int = 42
+    """Seed of the stratified grouped fold split."""
+    phash_max_distance: int = 4
+    """DCT perceptual-hash Hamming distance (of 64 bits) up to which two images are one duplicate
+    group (pixel-identical images always are). Measured on the shared set: re-encoded copies at 0,
+    a known near-duplicate at 2, the closest unrelated films at 6; see datasets/cache.py."""
+
+
+def config_to_dict(cfg: Any) -> dict:
+    out = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(out))  # tuples -> lists, for YAML/JSON round trips
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a config (or any JSON-able value), used to key stage outputs."""
+    if is_dataclass(obj):
+        obj = config_to_dict(obj)
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

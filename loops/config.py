@@ -1,0 +1,33 @@
+"""Config of the generic training loop (ground floor: imports nothing of the project)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by the classifier (and the effdet detector)."""
+
+    epochs: int = 10
+    """Training epochs (teachers; see student_epochs)."""
+    batch_size: int = 32
+    """Images per step."""
+    lr: float = 1e-3
+    """Peak learning rate (after linear warmup, then cosine decay)."""
+    weight_decay: float = 1e-2
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """adamw or sgd (Nesterov momentum 0.9)."""
+    warmup_epochs: float = 1.0
+    """Linear warmup length in epochs."""
+    ema_decay: float = 0.0
+    """0 disables the exponential moving average of weights."""
+    grad_clip: float = 5.0
+    """Gradient norm clipping; 0 disables it."""
+    patience: int = 0
+    """Early stopping patience in epochs on the validation metric; 0 disables it."""
+    amp: bool = True
+    """Mixed precision and channels_last, used only on CUDA."""
+    workers: int = 0
+    """DataLoader worker processes (0: load in the training process)."""

@@ -1,0 +1,145 @@
+"""Where everything of one run lives: the one owner of the run folder's paths (ground floor).
+
+Every stage, the report, the exports and the tests ask a :class:`RunLayout` for a path instead of
+spelling ``f"gen{g}"`` or ``"oof.csv"`` themselves, so the contract between the stages (which file
+one writes and the next reads) is written down once, here::
+
+    <out>/config.yaml                  the resolved config
+    <out>/data/                        items.csv, boxes.csv, quarantine.csv, folds.csv, groups.csv, fold_report.json
+    <out>/data/truth/                  hidden truth of the pool (demo; never read by selection or training)
+    <out>/cache/                       preprocessing cache (unless run.cache_dir names a shared one)
+    <out>/gen<g>/<task>/fold<k>/       one fold model: checkpoint, train_ids.txt, history.json
+    <out>/gen<g>/<task>/predictions/   OOF and pool predictions of the generation
+    <out>/cycle<c>/pseudo/             the pseudo labels generation c trains on (made by generation c-1)
+    <out>/cycle<c>/report.html         the cycle's pseudo-label quality report (+ report.json)
+    <out>/final/                       gate, gated predictions, submissions
+    <out>/oracle/<task>/               supervised reference on every label (runs with hidden truth)
+    <out>/index.html, summary.json     the run's front page and numbers
+    <out>/<stage>.done.json            stage markers (fingerprint of what made the stage)
+
+Stage functions write into a temporary directory that is swapped in whole, so they name their
+outputs with the file-name constants below, relative to the directory they are given.
+Imports nothing of the project.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CLASSIFIER, DETECTOR = "classifier", "detector"
+"""Task kinds' folder names under a generation."""
+
+# file names inside a stage directory
+CONFIG = "config.yaml"
+TABLE_META = "table.json"
+FOLDS = "folds.csv"
+GROUPS = "groups.csv"
+FOLD_REPORT = "fold_report.json"
+TRAIN_IDS = "train_ids.txt"
+"""Every fold model's distinct training images: the record the out-of-fold contract is checked on."""
+CHECKPOINT = "checkpoint.pt"
+DETECTOR_CHECKPOINT = "detector.pt"
+HISTORY = "history.json"
+OOF = "oof.csv"
+POOL = "pool.csv"
+POOL_FOLDS = "pool_folds.csv"
+OOF_BOXES = "oof_boxes.csv"
+POOL_RAW = "pool_raw.csv"
+POOL_FUSED = "pool_fused.csv"
+CLASS_SELECTION = "class_selection.csv"
+CLASS_PSEUDO = "class_pseudo.csv"
+CLASS_PSEUDO_INFO = "class_pseudo.json"
+BOX_OOF_MATCHED = "box_oof_matched.csv"
+BOX_PSEUDO = "box_pseudo.csv"
+BOX_IMAGES = "box_images.csv"
+BOX_PSEUDO_INFO = "box_pseudo.json"
+GATE = "gate.json"
+CLASS_PREDICTIONS = "class_predictions.csv"
+BOX_PREDICTIONS = "box_predictions_{}.csv"
+SUBMISSION = "submission_{}.csv"
+REPORT = "report.html"
+REPORT_JSON = "report.json"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run folder. ``cache_dir``: ``run.cache_dir`` (empty: ``<out>/cache``)."""
+
+    root: Path
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ------------------------------------------------------------------ run level
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def truth(self) -> Path:
+        return self.data / "truth"
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else self.root / "cache"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.html"
+
+    def marker(self, stage_dir: Path) -> Path:
+        """The ``.done.json`` marker beside a stage directory."""
+        return stage_dir.parent / f"{stage_dir.name}.done.json"
+
+    # ------------------------------------------------------------------ generations
+    def generation(self, gen: int) -> Path:
+        return self.root / f"gen{gen}"
+
+    def task(self, gen: int, task: str) -> Path:
+        return self.generation(gen) / task
+
+    def fold(self, gen: int, task: str, fold: int) -> Path:
+        return self.task(gen, task) / f"fold{fold}"
+
+    def predictions(self, gen: int, task: str) -> Path:
+        return self.task(gen, task) / "predictions"
+
+    def reference(self, name: str, task: str) -> Path:
+        """A reference model's task folder (``oracle``), laid out like a generation's."""
+        return self.root / name / task
+
+    # ------------------------------------------------------------------ cycles
+    def cycle(self, cycle: int) -> Path:
+        return self.root / f"cycle{cycle}"
+
+    def pseudo(self, cycle: int) -> Path:
+        return self.cycle(cycle) / "pseudo"
+
+    def report(self, cycle: int) -> Path:
+        return self.cycle(cycle) / REPORT
+
+    def report_json(self, cycle: int) -> Path:
+        return self.cycle(cycle) / REPORT_JSON
+
+    def cycles_with_pseudo_labels(self) -> list[int]:
+        """Cycles whose pseudo labels exist, in order."""
+        found = [int(m.group(1)) for p in self.root.glob(f"cycle*/pseudo/{CLASS_SELECTION}")
+                 if (m := re.fullmatch(r"cycle(\d+)", p.parent.parent.name))]
+        return sorted(found)
+
+    def is_run(self) -> bool:
+        return (self.data / TABLE_META).exists()
