@@ -1,17 +1,21 @@
 """Shared fixtures: the real files in ../shared/data and a CPU-only, offline environment."""
 import os
+import sys
 from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates on import
-os.environ.setdefault("YOLO_VERBOSE", "False")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import run_cycle  # noqa: E402,F401  maps the import root onto this checkout, whatever is installed
 
-import pytest
-import torch
+from cxr_noisy_student.datasets.environment import set_offline_defaults  # noqa: E402
+
+set_offline_defaults()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
