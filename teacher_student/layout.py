@@ -30,6 +30,14 @@ from pathlib import Path
 CLASSIFIER, DETECTOR = "classifier", "detector"
 """Task kinds' folder names under a generation."""
 
+PROB_PREFIX = "p:"
+"""Probability tables have one column ``p:<class>`` per class (raw probabilities, never sharpened)."""
+
+
+def prob_columns(class_names) -> list[str]:
+    return [f"{PROB_PREFIX}{c}" for c in class_names]
+
+
 # file names inside a stage directory
 CONFIG = "config.yaml"
 TABLE_META = "table.json"

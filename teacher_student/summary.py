@@ -6,7 +6,8 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _get(d: dict | None, *keys):
+def dig(d: dict | None, *keys):
+    """``d[k1][k2]...``, or None as soon as a level is missing (summary.json sections are optional)."""
     for key in keys:
         if not isinstance(d, dict):
             return None
@@ -24,23 +25,23 @@ def format_summary(summary: dict) -> str:
     for g in summary.get("generations", []):
         c, d, p = g.get("classifier") or {}, g.get("detector") or {}, pseudo.get(g["generation"], {})
         lines.append(
-            f"{g['generation']:>3} {str(g.get('model', '')):<18} {_fmt(_get(c, 'oof', 'auc_macro')):>8} "
-            f"{_fmt(_get(c, 'test', 'auc_macro')):>8} {_fmt(_get(c, 'test', 'accuracy')):>8} "
-            f"{str(g.get('detector_model', '-')):<16} {_fmt(_get(d, 'oof', 'map')):>8} {_fmt(_get(d, 'test', 'map')):>8} "
-            f"{str(_get(p, 'classifier', 'after_balance') or '-'):>7} {_fmt(_get(p, 'classifier', 'precision'), 2):>6} "
-            f"{str(_get(p, 'detector', 'boxes') or '-'):>6} {_fmt(_get(p, 'detector', 'precision'), 2):>6}")
+            f"{g['generation']:>3} {str(g.get('model', '')):<18} {_fmt(dig(c, 'oof', 'auc_macro')):>8} "
+            f"{_fmt(dig(c, 'test', 'auc_macro')):>8} {_fmt(dig(c, 'test', 'accuracy')):>8} "
+            f"{str(g.get('detector_model', '-')):<16} {_fmt(dig(d, 'oof', 'map')):>8} {_fmt(dig(d, 'test', 'map')):>8} "
+            f"{str(dig(p, 'classifier', 'after_balance') or '-'):>7} {_fmt(dig(p, 'classifier', 'precision'), 2):>6} "
+            f"{str(dig(p, 'detector', 'boxes') or '-'):>6} {_fmt(dig(p, 'detector', 'precision'), 2):>6}")
     oracle = summary.get("oracle")
     if oracle:
         lines.append(f"{'orc':>3} {str(oracle.get('model', '')):<18} {'':>8} "
-                     f"{_fmt(_get(oracle, 'classifier', 'test', 'auc_macro')):>8} "
-                     f"{_fmt(_get(oracle, 'classifier', 'test', 'accuracy')):>8} {'':<16} {'':>8} "
-                     f"{_fmt(_get(oracle, 'detector', 'test', 'map')):>8}   (supervised on all labels)")
+                     f"{_fmt(dig(oracle, 'classifier', 'test', 'auc_macro')):>8} "
+                     f"{_fmt(dig(oracle, 'classifier', 'test', 'accuracy')):>8} {'':<16} {'':>8} "
+                     f"{_fmt(dig(oracle, 'detector', 'test', 'map')):>8}   (supervised on all labels)")
     gap = summary.get("gap_closed")
     if gap:
         lines.append("gap closed by the last student (test): " + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in gap.items()))
     gate = summary.get("gate")
     if gate:
         lines.append(f"gate ({gate.get('mode')}, low {_fmt(gate.get('low'), 2)}, high {_fmt(gate.get('high'), 2)}): "
-                     f"test mAP with 'No finding' {_fmt(_get(gate, 'test', 'ungated'))} -> {_fmt(_get(gate, 'test', 'gated'))}")
+                     f"test mAP with 'No finding' {_fmt(dig(gate, 'test', 'ungated'))} -> {_fmt(dig(gate, 'test', 'gated'))}")
     lines.append(f"wall time {summary.get('wall_seconds', 0):.0f} s")
     return "\n".join(lines)
