@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             return 0
-        from cxr_noisy_student.loops.cycle import run_cycles
+        from cxr_noisy_student.teacher_student.cycle.runner import run_cycles
 
         summary = run_cycles(cfg)
     except (ConfigError, DataError, FileNotFoundError) as err:

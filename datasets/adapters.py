@@ -16,7 +16,7 @@ image ids, labels for images that are not there, labeled images without labels, 
 escape the data root, empty CSVs and wrong column names (with a "did you mean"), images smaller
 than ``readers.MIN_SIDE`` and DICOMs that are not radiographs (:data:`ACCEPTED_MODALITIES`).
 Problems only decoding finds (a truncated file, a missing JPEG decoder) are quarantined by the
-preprocessing cache in the run's data stage (``loops.cycle.prepare``).
+preprocessing cache in the run's data stage (``teacher_student.cycle.data_stage.prepare``).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ the same fingerprint, so a killed run resumes where it stopped and never reads a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -80,3 +81,25 @@ class Stage:
         write_json(self.marker, record)
         record["skipped"] = False
         return record
+
+
+def file_digest(*paths: Path) -> str:
+    """Content digest of stage outputs (tables, JSON, id lists; not weights), chaining a stage's
+    fingerprint to the outputs of the stages it reads."""
+    h = hashlib.sha256()
+    for path in paths:
+        for f in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
+            if f.is_file() and f.suffix in (".csv", ".json", ".txt"):
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def source_digest(root: Path) -> str:
+    """Cheap digest of a data root (names, sizes, mtimes), so edited inputs redo the data stage."""
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

@@ -2,7 +2,7 @@
 
 tests/test_readers.py and tests/test_adapters.py test the readers and each adapter row by row; this
 file is the matrix of what a user can feed the engine, run through the run's data stage
-(``loops.cycle.prepare``: ``load_dataset`` + the preprocessing cache + folds), through
+(``teacher_student.cycle.data_stage.prepare``: ``load_dataset`` + the preprocessing cache + folds), through
 ``load_dataset(DataConfig(...))`` and, for a few kinds, through ``python run_cycle.py --config``.
 
 Every bad kind ends in exactly one of two ways: one DataError line (which file, which row, what), or a
@@ -34,7 +34,7 @@ from PIL import Image
 from cxr_noisy_student.datasets.adapters import load_dataset
 from cxr_noisy_student.datasets.cache import ImageCache
 from cxr_noisy_student.datasets.errors import DataError
-from cxr_noisy_student.loops.cycle import prepare
+from cxr_noisy_student.teacher_student.cycle.data_stage import prepare
 from cxr_noisy_student.datasets.atomic import read_json
 from cxr_noisy_student.teacher_student.config import EngineConfig, RunConfig
 from cxr_noisy_student.datasets.config import DataConfig, FoldConfig, PreprocessConfig

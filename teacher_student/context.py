@@ -1,0 +1,70 @@
+"""What every stage of one run shares: the config, the run layout, the data, the folds, the device.
+
+A :class:`RunContext` is built whole by ``cycle.data_stage.prepare`` once the data stage is done
+(nothing is filled in later), and is read-only but for the list of stage records the run keeps for
+its summary.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..datasets.cache import ImageCache
+from ..datasets.config import PreprocessConfig, fingerprint
+from ..datasets.table import ItemTable
+from ..loops.stages import Stage
+from .config import EngineConfig
+from .layout import RunLayout
+
+log = logging.getLogger("cxr.cycle")
+
+Loader = Callable[[str], np.ndarray]
+
+
+def run_stage(layout: RunLayout, records: list, stage_dir: Path, payload: dict, fn: Callable[[Path], Any]) -> dict:
+    """Run ``fn`` as the resumable stage ``stage_dir`` (skipped when its fingerprint matches) and
+    keep its record (path, seconds, reused) for the run's summary."""
+    record = Stage(stage_dir.parent, stage_dir.name, fingerprint(payload)).run(fn)
+    record["path"] = str(stage_dir.relative_to(layout.root))
+    records.append(record)
+    verb = "reused" if record["skipped"] else f"done in {record['seconds']:.1f}s"
+    log.info("stage %s %s", record["path"], verb)
+    return record
+
+
+@dataclass(frozen=True)
+class RunContext:
+    cfg: EngineConfig
+    layout: RunLayout
+    table: ItemTable
+    truth: ItemTable | None
+    """Hidden truth of the pool (demo, ``unlabeled_truth``): read by evaluation only, never by
+    selection or training."""
+    folds: pd.Series
+    device: torch.device
+    records: list = field(default_factory=list)
+
+    def stage(self, stage_dir: Path, payload: dict, fn: Callable[[Path], Any]) -> dict:
+        return run_stage(self.layout, self.records, stage_dir, payload, fn)
+
+    def loader(self, preprocess: PreprocessConfig | None = None) -> Loader:
+        """Image loader of the preprocessing cache for these settings (the run's by default)."""
+        return ImageCache(self.layout.cache, preprocess or self.cfg.preprocess).load
+
+    @property
+    def labeled_ids(self) -> list[str]:
+        """Images with ground truth in the folds, in fold-table order."""
+        return list(self.folds.index)
+
+    @property
+    def box_labeled(self) -> set[str]:
+        return set(self.table.items.loc[self.table.items["box_labeled"], "image_id"])
+
+    def ids(self, *roles: str) -> list[str]:
+        return self.table.with_role(*roles)["image_id"].tolist()

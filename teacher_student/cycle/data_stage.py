@@ -1,0 +1,101 @@
+"""The data stage: load and validate the data, build the preprocessing cache, assign leak-free folds.
+
+Its outputs (``<out>/data/``) are the item table every later stage reads, the quarantine of
+everything rejected, the folds (grouped by patient and by duplicate image) and, for datasets that
+have it, the hidden truth of the pool -- kept apart so that only evaluation reads it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ...datasets.adapters import load_dataset, load_hidden_truth
+from ...datasets.atomic import atomic_path, read_table, write_json, write_table
+from ...datasets.cache import ImageCache
+from ...datasets.config import config_to_dict
+from ...datasets.errors import DataError
+from ...datasets.folds import assign_folds, check_no_leak
+from ...datasets.table import ItemTable, Quarantine, load_table, save_table
+from ...loops.device import resolve_device
+from ...loops.stages import source_digest
+from ..config import EngineConfig
+from ..layout import FOLD_REPORT, FOLDS, GROUPS, TABLE_META, RunLayout
+from ..context import RunContext, run_stage
+
+log = logging.getLogger("cxr.cycle")
+
+
+def prepare(cfg: EngineConfig) -> RunContext:
+    """Run (or reuse) the data stage and return the run's context, complete."""
+    layout = RunLayout(Path(cfg.run.out), cfg.run.cache_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(layout.config) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    root = Path(cfg.data.root)
+    if cfg.data.format == "demo":
+        make_demo(cfg, root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist (set --data or data.root)")
+    payload = {"data": config_to_dict(cfg.data), "pre": config_to_dict(cfg.preprocess),
+               "folds": config_to_dict(cfg.folds), "source": source_digest(root)}
+    device = resolve_device(cfg.run.device)
+    records: list = []
+    run_stage(layout, records, layout.data, payload, lambda d: build_data(cfg, layout, d))
+    table = load_table(layout.data)
+    truth = load_table(layout.truth) if (layout.truth / TABLE_META).exists() else None
+    folds = read_table(layout.data / FOLDS).set_index("image_id")["fold"]
+    groups = read_table(layout.data / GROUPS).set_index("image_id")["group"]
+    check_no_leak(folds, groups)  # run-time guard: no patient or duplicate group straddles folds
+    report_quarantine(table)
+    return RunContext(cfg, layout, table, truth, folds, device, records)
+
+
+def make_demo(cfg: EngineConfig, root: Path) -> None:
+    from ...datasets.demo import make_demo_dataset
+
+    if len(cfg.data.demo_counts) != 3:
+        raise DataError("data.demo_counts: give three numbers: labeled, unlabeled, test")
+    labeled, unlabeled, test = cfg.data.demo_counts
+    make_demo_dataset(root, n_labeled=labeled, n_unlabeled=unlabeled, n_test=test, size=cfg.data.demo_image_size)
+
+
+def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
+    table = load_dataset(cfg.data)
+    cache = ImageCache(layout.cache, cfg.preprocess)
+    failures = cache.build(table.items[["image_id", "path"]], workers=cfg.run.workers)
+    if cfg.data.on_bad_input == "error" and len(failures):  # decoding found what headers could not
+        bad = failures.iloc[0]
+        Quarantine("error").reject(bad["path"], None, bad["image_id"], bad["problem"])
+    table = drop_unreadable(table, failures)
+    fa = assign_folds(table.with_role("labeled"), cache.hashes(), k=cfg.folds.k, seed=cfg.folds.seed,
+                      phash_max_distance=cfg.folds.phash_max_distance)
+    save_table(stage_dir, table)
+    write_table(stage_dir / FOLDS, fa.folds.rename("fold").rename_axis("image_id").reset_index())
+    write_table(stage_dir / GROUPS, fa.groups.rename("group").rename_axis("image_id").reset_index())
+    write_json(stage_dir / FOLD_REPORT, fa.report)
+    truth = load_hidden_truth(cfg.data)
+    if truth is not None:
+        save_table(stage_dir / layout.truth.name, truth)
+    return {"table": table.summary(), "quarantined": int(len(table.quarantine)), "folds": fa.report}
+
+
+def drop_unreadable(table: ItemTable, failures: pd.DataFrame) -> ItemTable:
+    """Images the cache could not decode move to the quarantine with the reader's message."""
+    if failures is None or failures.empty:
+        return table
+    bad = set(failures["image_id"])
+    rows = pd.DataFrame({"file": failures["path"].astype(str), "row": None, "image_id": failures["image_id"],
+                         "problem": failures["problem"]})
+    return table.replace(items=table.items[~table.items["image_id"].isin(bad)].reset_index(drop=True),
+                         boxes=table.boxes[~table.boxes["image_id"].isin(bad)].reset_index(drop=True),
+                         quarantine=pd.concat([table.quarantine, rows], ignore_index=True))
+
+
+def report_quarantine(table: ItemTable) -> None:
+    q = table.quarantine
+    if len(q):
+        log.warning("%d input rows/files quarantined (see data/quarantine.csv); first: %s", len(q),
+                    "; ".join(f"{r.file}, row {r.row}: {r.problem}" for r in q.head(3).itertuples()))

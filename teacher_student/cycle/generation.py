@@ -1,0 +1,30 @@
+"""A generation of one task: its k fold models and their OOF + pool predictions.
+
+Generation 0 is the cycle-0 teacher (labeled data only); generation g is the student of cycle g,
+trained on the pseudo labels generation g - 1 made. The work is the one cross-fit loop
+(``loops.crossfit``), which also checks the out-of-fold contract, whatever the task.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ...loops.crossfit import cross_fit
+from ..context import RunContext
+from ..tasks.base import Task
+
+
+def train_generation(ctx: RunContext, task: Task, gen: int, pseudo_dir: Path | None, teacher: Path | None, *,
+                     task_dir: Path | None = None, extra_ids: Sequence[str] = ()) -> Path:
+    """Train (or reuse) generation ``gen`` of ``task`` and predict; return its predictions dir.
+
+    Args:
+        pseudo_dir: the cycle's pseudo labels (None for generation 0).
+        teacher: the previous generation's predictions of this task (its OOF soft labels).
+        task_dir: where the fold models go (default: the generation's folder); references use their own.
+        extra_ids: images added to every fold's training set (the oracle adds the pool's truth).
+    """
+    plans = task.fold_plans(gen, pseudo_dir, teacher, extra_ids)
+    return cross_fit(task, plans, folds=ctx.folds, oof_ids=task.labeled_ids(), pool_ids=task.pool_ids(),
+                     task_dir=task_dir or ctx.layout.task(gen, task.name), run_stage=ctx.stage,
+                     payload=task.payload(gen))

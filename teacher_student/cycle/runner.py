@@ -1,0 +1,83 @@
+"""The cycle runner: data -> generation 0 (teachers) -> for each cycle: pseudo labels -> student.
+
+Every step is a resumable stage whose fingerprint covers the config slice and the inputs that made
+it (file digests of the previous stage's outputs), so rerunning the same command after a kill skips
+what is done and redoes only what was cut short; changing a setting redoes exactly the stages it
+affects. Paths: ``teacher_student.layout.RunLayout``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ...datasets.atomic import read_json, write_json
+from ...datasets.config import config_to_dict
+from ...loops.stages import file_digest
+from ..config import EngineConfig, ladder_value
+from ..context import RunContext
+from ..layout import CLASSIFIER, DETECTOR
+from ..tasks.base import Task
+from ..tasks.classifier import ClassifierTask
+from ..tasks.detector import DetectorTask
+from .data_stage import prepare
+from .final_stage import final_stage
+from .generation import train_generation
+from .references import gap_closed, oracle
+from .selection import select_stage
+
+log = logging.getLogger("cxr.cycle")
+
+
+def run_cycles(cfg: EngineConfig) -> dict:
+    """Run data preparation, generation 0 and ``cfg.run.cycles`` teacher -> student cycles."""
+    started = time.perf_counter()
+    ctx = prepare(cfg)
+    classifier, detector = ClassifierTask(ctx), DetectorTask(ctx)
+    tasks: list[Task] = [classifier] + ([detector] if detector.enabled() else [])
+    preds = {t.name: train_generation(ctx, t, 0, None, None) for t in tasks}
+    gens, cycles = [generation_record(ctx, tasks, 0, preds)], []
+    for cycle in range(1, cfg.run.cycles + 1):
+        rec = select_stage(ctx, tasks, preds, cycle)
+        pseudo_dir = ctx.layout.pseudo(cycle)
+        preds = {t.name: train_generation(ctx, t, cycle, pseudo_dir, preds[t.name]) for t in tasks}
+        gens.append(generation_record(ctx, tasks, cycle, preds))
+        cycles.append({"cycle": cycle, "pseudo": rec["result"], "teacher": gens[cycle - 1]["generation"],
+                       "student": cycle})
+    det = detector if DETECTOR in preds else None
+    payload = {"cls": file_digest(preds[CLASSIFIER]), "det": file_digest(preds[DETECTOR]) if det else None,
+               "gate": config_to_dict(cfg.gate)}
+    final = ctx.stage(ctx.layout.final, payload,
+                      lambda d: final_stage(ctx, det, preds[CLASSIFIER], preds.get(DETECTOR), d))
+    oracle_rec = oracle(ctx, det is not None)
+    summary = {"generations": gens, "cycles": cycles, "oracle": oracle_rec, "gap_closed": gap_closed(gens, oracle_rec),
+               "gate": final["result"] or None, "data": read_json(ctx.layout.marker(ctx.layout.data))["result"],
+               "stages": [{k: r[k] for k in ("path", "seconds", "skipped")} for r in ctx.records],
+               "wall_seconds": round(time.perf_counter() - started, 1)}
+    write_json(ctx.layout.summary, summary)
+    write_reports(ctx, cfg.run.cycles)
+    return summary
+
+
+def generation_record(ctx: RunContext, tasks: list[Task], gen: int, preds: dict[str, Path]) -> dict:
+    rec = {"generation": gen, "model": ladder_value(ctx.cfg.classifier.ladder, gen)}
+    for task in tasks:
+        if task.name == DETECTOR:
+            rec["detector_model"] = task.model_name(gen)
+        rec[task.name] = task.score(preds[task.name])
+    return rec
+
+
+def write_reports(ctx: RunContext, cycles: int) -> None:
+    """Per-cycle pseudo-label quality reports and the index. A report that fails is logged, not
+    fatal: the run's results are already on disk and a report can be rebuilt from them."""
+    from ..report import write_cycle_report, write_index
+
+    load = ctx.loader()
+    for cycle in range(1, cycles + 1):
+        try:
+            path = write_cycle_report(ctx.layout.root, cycle, load=load)
+            log.info("report %s", path)
+        except Exception as err:  # noqa: BLE001 - reports must never lose a finished run
+            log.error("cycle %d report failed: %s: %s", cycle, type(err).__name__, err)
+    write_index(ctx.layout.root)

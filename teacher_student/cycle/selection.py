@@ -1,0 +1,24 @@
+"""The pseudo-label stage of a cycle: each task chooses its pseudo labels from the teachers'
+predictions (thresholds from OOF against ground truth; the pool's hidden truth only measures)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...datasets.config import config_to_dict
+from ...loops.stages import file_digest
+from ..context import RunContext
+from ..layout import CLASSIFIER, DETECTOR
+from ..tasks.base import Task
+
+
+def select_stage(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], cycle: int) -> dict:
+    """Run (or reuse) ``cycle<c>/pseudo``; return its record (``result``: per task, its selection info)."""
+    cfg = ctx.cfg
+    payload = {"teacher": file_digest(teachers[CLASSIFIER]),
+               "detector": file_digest(teachers[DETECTOR]) if DETECTOR in teachers else None,
+               "pseudo": config_to_dict(cfg.pseudo), "det": config_to_dict(cfg.detector), "seed": cfg.run.seed}
+
+    def select(out_dir: Path) -> dict:
+        return {task.name: task.select(teachers, out_dir, cycle) for task in tasks}
+
+    return ctx.stage(ctx.layout.pseudo(cycle), payload, select)

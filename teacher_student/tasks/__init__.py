@@ -1,0 +1,3 @@
+"""Task kinds: each implements the same few functions -- plan and train one fold, predict with one
+fold model, write a generation's predictions, select pseudo labels, score -- and the one cross-fit
+loop (``loops.crossfit``) runs them all."""

@@ -1,0 +1,256 @@
+"""The study-level classifier as a task kind: k fold timm models, class probabilities, soft pseudo labels.
+
+A generation is the k fold models of one rung of the ladder. Generation 0 is the cycle-0 teacher
+(labeled data only, light augmentation); generation g > 0 is the noised student of cycle g,
+trained on labeled images (ground truth blended with the previous generation's OOF soft label)
+plus the pseudo-labeled images the previous generation selected. Every generation's fold ensemble
+is the teacher of the next. Probabilities are stored raw; temperature and thresholds apply when a
+student's targets are built.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ...augment.transforms import student_transform, teacher_transform
+from ...datasets.atomic import read_table, write_json, write_table
+from ...datasets.config import config_to_dict, fingerprint
+from ...datasets.table import ItemTable
+from ...datasets.torch_data import ClassificationDataset
+from ...loops.checkpoint import preprocess_from_meta, save_checkpoint
+from ...loops.crossfit import FoldPlan
+from ...loops.metrics import classification_metrics
+from ...loops.predict import predict_probs
+from ...loops.train import fit
+from .. import pseudo
+from ..config import ladder_value, matched_epochs
+from ..evaluation import class_truth_precision
+from ..layout import (CHECKPOINT, CLASS_PSEUDO, CLASS_PSEUDO_INFO, CLASS_SELECTION, CLASSIFIER, HISTORY, OOF, POOL,
+                      POOL_FOLDS, prob_columns)
+from ..models import create_classifier, load_classifier
+from .base import Task, fold_seed, seed_everything
+
+log = logging.getLogger("cxr.cycle")
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What one fold model trains on: image ids (repeated by balancing copies), targets, weights."""
+
+    image_ids: list[str]
+    targets: np.ndarray
+    weights: np.ndarray
+    generation: int = 0
+
+    def fingerprint_payload(self) -> dict:
+        return {"ids": self.image_ids, "targets": np.round(self.targets, 6).tolist(), "weights": self.weights.tolist()}
+
+
+class ClassifierTask(Task):
+    name = CLASSIFIER
+
+    # ------------------------------------------------------------------ which images
+    def labeled_ids(self) -> list[str]:
+        return self.ctx.labeled_ids
+
+    def pool_ids(self) -> list[str]:
+        return self.ctx.ids("unlabeled", "test")
+
+    @property
+    def columns(self) -> list[str]:
+        return prob_columns(self.table.study_classes)
+
+    @property
+    def loss_kind(self) -> str:
+        if self.cfg.classifier.loss != "auto":
+            return self.cfg.classifier.loss
+        return "softmax" if self.table.label_mode == "multiclass" else "bce"
+
+    def model_name(self, gen: int) -> str:
+        return ladder_value(self.cfg.classifier.ladder, gen)
+
+    # ------------------------------------------------------------------ plans
+    def payload(self, gen: int) -> dict:
+        cfg = self.cfg
+        return {"classifier": config_to_dict(cfg.classifier), "augment": config_to_dict(cfg.augment),
+                "pre": config_to_dict(cfg.preprocess), "pseudo": config_to_dict(cfg.pseudo), "seed": cfg.run.seed,
+                "gen": gen}
+
+    def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None,
+                   extra_ids: Sequence[str] = ()) -> list[FoldPlan]:
+        oof = read_table(teacher / OOF) if teacher else None
+        pool = read_table(teacher / POOL) if teacher and (teacher / POOL).exists() else None
+        selected = read_table(pseudo_dir / CLASS_PSEUDO) if pseudo_dir else None
+        folds, plans = self.ctx.folds, []
+        for fold in range(self.cfg.folds.k):
+            train_ids = [i for i in self.labeled_ids() if folds[i] != fold] + list(extra_ids)
+            val_ids = [i for i in self.labeled_ids() if folds[i] == fold]
+            ts = replace(self.student_targets(train_ids, oof, selected, pool), generation=gen)
+            teacher_images = len(train_ids) - len(extra_ids)
+            train = self.cfg.classifier.train
+            epochs = (train.epochs if gen == 0 and not extra_ids else
+                      matched_epochs(train.epochs, teacher_images, len(ts.image_ids), self.cfg.classifier.student_epochs))
+            plans.append(FoldPlan(fold, ts, tuple(ts.image_ids), tuple(val_ids), epochs,
+                                  {"train": fingerprint(ts.fingerprint_payload())}))
+        return plans
+
+    def student_targets(self, labeled_ids: list[str], oof: pd.DataFrame | None, pseudo_rows: pd.DataFrame | None,
+                        pool_probs: pd.DataFrame | None) -> TrainingSet:
+        """Targets for one fold's training images, built from stored raw probabilities.
+
+        Args:
+            labeled_ids: the labeled images this fold trains on (its own fold excluded).
+            oof: previous generation's OOF probabilities (None for generation 0: plain ground truth).
+            pseudo_rows: balanced pseudo-label selection (image_id, copies), None for generation 0.
+            pool_probs: previous generation's ensemble probabilities on the unlabeled pool.
+        """
+        cfg, cols = self.cfg, self.columns
+        gt = self.table.study_targets(labeled_ids)
+        if oof is not None and cfg.pseudo.labeled_blend > 0:
+            gt = pseudo.blend_targets(gt, oof.set_index("image_id").loc[labeled_ids, cols].to_numpy(),
+                                      weight=cfg.pseudo.labeled_blend)
+        ids, targets, weights = list(labeled_ids), [gt], [np.ones(len(labeled_ids), np.float32)]
+        if pseudo_rows is not None and len(pseudo_rows):
+            probs = pool_probs.set_index("image_id").loc[pseudo_rows["image_id"], cols].to_numpy()
+            soft = pseudo.pseudo_targets(probs, mode=self.table.label_mode, target=cfg.pseudo.mode,
+                                         temperature=cfg.pseudo.temperature)
+            repeats = pseudo_rows["copies"].to_numpy(int)
+            ids += list(np.repeat(pseudo_rows["image_id"].to_numpy(), repeats))
+            targets.append(np.repeat(soft, repeats, axis=0))
+            weights.append(np.full(int(repeats.sum()), cfg.pseudo.weight, np.float32))
+        return TrainingSet(ids, np.concatenate(targets).astype(np.float32), np.concatenate(weights))
+
+    # ------------------------------------------------------------------ one fold
+    def fit_fold(self, plan: FoldPlan, out_dir: Path) -> dict:
+        """Train one fold model and write its checkpoint (with its preprocessing) and history."""
+        cfg, pp = self.cfg, self.cfg.preprocess
+        train = plan.train
+        gen = train.generation
+        name = self.model_name(gen)
+        drop, drop_path = ladder_value(cfg.classifier.drop_rate, gen), ladder_value(cfg.classifier.drop_path_rate, gen)
+        n, m = ladder_value(cfg.augment.randaugment_n, gen), ladder_value(cfg.augment.randaugment_m, gen)
+        seed = fold_seed(cfg.run.seed, gen, plan.fold)
+        seed_everything(seed)
+        model = create_classifier(name, len(self.table.study_classes), drop_rate=drop, drop_path_rate=drop_path,
+                                  pretrained=cfg.classifier.pretrained)
+        transform = student_transform(pp.size, n, m) if n > 0 else teacher_transform(pp.size)
+        load = self.ctx.loader()
+        train_ds = ClassificationDataset(load, train.image_ids, train.targets, train.weights, transform, pp.mean, pp.std)
+        val_ds = ClassificationDataset(load, list(plan.val_ids), self.table.study_targets(plan.val_ids), None, None,
+                                       pp.mean, pp.std)
+        result = fit(model, train_ds, val_ds, replace(cfg.classifier.train, epochs=plan.epochs), loss=self.loss_kind,
+                     metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info)
+        meta = {
+            "model_name": name, "num_classes": len(self.table.study_classes),
+            "class_names": list(self.table.study_classes), "drop_rate": drop, "drop_path_rate": drop_path,
+            "preprocess": config_to_dict(pp), "activation": "softmax" if self.loss_kind == "softmax" else "sigmoid",
+            "label_mode": self.table.label_mode, "generation": gen, "fold": plan.fold, "randaugment": [n, m],
+            "epochs": plan.epochs, "config": config_to_dict(cfg),
+        }
+        save_checkpoint(out_dir / CHECKPOINT, model, meta)
+        write_json(out_dir / HISTORY, {"history": result.history, "best_metric": result.best_metric,
+                                       "epochs_run": result.epochs_run})
+        return {"best_metric": result.best_metric, "epochs_run": result.epochs_run, "model": name,
+                "train_images": len(set(train.image_ids)), "train_samples": len(train.image_ids)}
+
+    def validation_metric(self) -> Callable[[np.ndarray, np.ndarray], float]:
+        """Validation metric for early stopping: macro AUC, falling back to accuracy when undefined."""
+        classes, mode = list(self.table.study_classes), self.table.label_mode
+
+        def metric(y_true: np.ndarray, probs: np.ndarray) -> float:
+            m = classification_metrics(y_true, probs, classes, mode)
+            return m["auc_macro"] if m.get("auc_macro") is not None else m["accuracy"]
+
+        return metric
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, fold_dir: Path, fold: int, image_ids: Sequence[str]) -> pd.DataFrame:
+        """Raw class probabilities of one fold model, flip-TTA averaged, read through the cache of
+        the checkpoint's own preprocessing."""
+        model, meta = load_classifier(fold_dir / CHECKPOINT, self.ctx.device)
+        pp = meta["preprocess"]
+        ids = list(image_ids)
+        ds = ClassificationDataset(self.ctx.loader(preprocess_from_meta(meta)), ids,
+                                   np.zeros((len(ids), len(self.columns)), np.float32), None, None, pp["mean"], pp["std"])
+        probs = predict_probs(model, ds, device=self.ctx.device, batch_size=self.cfg.classifier.train.batch_size,
+                              tta_hflip=self.cfg.augment.tta_hflip, activation=meta["activation"])
+        return pd.DataFrame(probs, columns=self.columns).assign(image_id=ids)
+
+    def write_predictions(self, oof: pd.DataFrame, pool: pd.DataFrame, out_dir: Path) -> dict:
+        """oof.csv (image_id, fold, p:*), pool_folds.csv (every fold model on every pool image, for
+        the agreement plots) and pool.csv (mean over folds). Nothing is thresholded here."""
+        cols = ["image_id", "fold", *self.columns]
+        write_table(out_dir / OOF, oof[cols])
+        if len(pool):
+            write_table(out_dir / POOL_FOLDS, pool[cols])
+            write_table(out_dir / POOL, pool.groupby("image_id", sort=True)[self.columns].mean().reset_index())
+        return {"oof_images": len(oof), "pool_images": int(pool["image_id"].nunique()) if len(pool) else 0}
+
+    # ------------------------------------------------------------------ pseudo labels
+    def select(self, teachers: dict[str, Path], out_dir: Path, cycle: int) -> dict:
+        """Confidence filter (or per-class thresholds at a target precision on OOF) + balancing."""
+        cfg, table, cols = self.cfg, self.table, self.columns
+        preds = load_predictions(teachers[CLASSIFIER])
+        oof = preds["oof"]
+        thresholds = None
+        if cfg.pseudo.target_precision > 0:
+            thresholds = pseudo.class_thresholds(oof[cols].to_numpy(), table.study_targets(oof["image_id"]),
+                                                 target_precision=cfg.pseudo.target_precision, mode=table.label_mode)
+        pool = preds.get("pool", pd.DataFrame(columns=["image_id", *cols]))
+        unlabeled = pool[pool["image_id"].isin(self.ctx.ids("unlabeled"))]
+        selection = pseudo.select_pseudo(unlabeled["image_id"].tolist(),
+                                         unlabeled[cols].to_numpy().reshape(-1, len(cols)), mode=table.label_mode,
+                                         class_names=list(table.study_classes), confidence=cfg.pseudo.confidence,
+                                         thresholds=thresholds)
+        balanced = (pseudo.balance_classes(selection, per_class=cfg.pseudo.per_class, seed=cfg.run.seed)
+                    if cfg.pseudo.balance else selection[selection["kept"]].assign(copies=1))
+        provenance = {"cycle": cycle, "source": f"gen{cycle - 1}/{CLASSIFIER}",
+                      "folds": "|".join(map(str, range(cfg.folds.k)))}
+        write_table(out_dir / CLASS_SELECTION, selection.assign(**provenance))
+        write_table(out_dir / CLASS_PSEUDO, balanced.assign(**provenance))
+        info = {"unlabeled": len(selection), "kept": int(selection["kept"].sum()),
+                "after_balance": int(balanced["copies"].sum()) if len(balanced) else 0,
+                "kept_per_class": {k: int(v) for k, v in selection[selection["kept"]]["label"].value_counts().items()},
+                "thresholds": None if thresholds is None else dict(zip(table.study_classes, thresholds.tolist())),
+                "precision": class_truth_precision(selection, self.ctx.truth, table.label_mode)}
+        write_json(out_dir / CLASS_PSEUDO_INFO, info)
+        return info
+
+    # ------------------------------------------------------------------ scores
+    def score(self, pred_dir: Path) -> dict:
+        preds = load_predictions(pred_dir)
+        out = {"oof": self.evaluate(preds["oof"])}
+        if "pool" in preds:
+            pool = preds["pool"]
+            out["test"] = self.evaluate(pool[pool["image_id"].isin(self.ctx.ids("test"))])
+            if self.ctx.truth is not None:
+                out["unlabeled_truth"] = self.evaluate(pool[pool["image_id"].isin(self.ctx.ids("unlabeled"))],
+                                                       truth=self.ctx.truth)
+        return out
+
+    def evaluate(self, probs: pd.DataFrame, truth: ItemTable | None = None) -> dict | None:
+        """Classification metrics of a probability table against the labels known for its images."""
+        return evaluate_probs(self.table, probs, truth)
+
+
+def evaluate_probs(table: ItemTable, probs: pd.DataFrame, truth: ItemTable | None = None) -> dict | None:
+    source = truth if truth is not None else table
+    labeled = set(source.items.loc[source.items["has_study_label"], "image_id"])
+    ids = [i for i in probs["image_id"] if i in labeled]
+    if not ids:
+        return None
+    p = probs.set_index("image_id").loc[ids, prob_columns(table.study_classes)].to_numpy()
+    return classification_metrics(source.study_targets(ids), p, list(table.study_classes), table.label_mode)
+
+
+def load_predictions(pred_dir: Path) -> dict[str, pd.DataFrame]:
+    out = {"oof": read_table(pred_dir / OOF)}
+    for name, file in (("pool", POOL), ("pool_folds", POOL_FOLDS)):
+        if (pred_dir / file).exists():
+            out[name] = read_table(pred_dir / file)
+    return out

@@ -1,0 +1,240 @@
+"""The box detector as a task kind: k fold detectors, OOF boxes, WBF-fused pool boxes, pseudo boxes.
+
+Only images whose boxes are ground truth (``box_labeled``) train and score a detector; the pool it
+predicts is the unlabeled and test roles plus labeled images nobody drew boxes on
+(``box_annotated = 0``). Detectors are built by ``teacher_student.detectors`` (ultralytics YOLO or
+effdet) behind one interface.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ...datasets.adapters import training_boxes
+from ...datasets.atomic import read_table, write_json, write_table
+from ...datasets.boxes import BOX_COLUMNS
+from ...datasets.config import config_to_dict, fingerprint
+from ...datasets.table import ItemTable
+from ...loops.crossfit import FoldPlan
+from ...loops.det_metrics import mean_average_precision, true_positive_mask
+from .. import pseudo
+from ..config import ladder_value, matched_epochs
+from ..detectors import create_detector, load_detector
+from ..evaluation import box_truth_precision
+from ..fusion import fuse_boxes
+from ..gating import p_abnormal_series
+from ..layout import (BOX_IMAGES, BOX_OOF_MATCHED, BOX_PSEUDO, BOX_PSEUDO_INFO, CLASSIFIER, DETECTOR,
+                      DETECTOR_CHECKPOINT, OOF_BOXES, POOL_FUSED, POOL_RAW)
+from .base import Task, fold_seed
+from .classifier import load_predictions
+
+BOX_OUT = ["image_id", "class_id", *BOX_COLUMNS, "score"]
+log = logging.getLogger("cxr.cycle")
+
+
+@dataclass(frozen=True)
+class BoxTrainingSet:
+    """One fold detector's training boxes (an image of the plan without rows is a negative)."""
+
+    boxes: pd.DataFrame
+    generation: int
+
+
+class DetectorTask(Task):
+    name = DETECTOR
+
+    # ------------------------------------------------------------------ which images
+    def enabled(self) -> bool:
+        return bool(self.cfg.detector.enabled and self.table.box_classes and self.labeled_ids())
+
+    def labeled_ids(self) -> list[str]:
+        """Labeled images whose boxes are ground truth: the ones detectors train on and score."""
+        boxed = set(self.table.items.loc[self.table.items["box_labeled"], "image_id"])
+        return [i for i in self.ctx.folds.index if i in boxed]
+
+    def pool_ids(self) -> list[str]:
+        """Unlabeled + test images, and labeled images nobody drew boxes on."""
+        items = self.ctx.table.items
+        pool = items["role"].isin(["unlabeled", "test"]) | ((items["role"] == "labeled") & ~items["box_labeled"])
+        return items.loc[pool, "image_id"].tolist()
+
+    def model_name(self, gen: int) -> str:
+        return ladder_value(self.cfg.detector.ladder, gen)
+
+    @property
+    def flip_tta(self) -> bool:
+        return self.cfg.augment.tta_hflip and self.cfg.detector.hflip
+
+    def view_names(self, fold: int) -> list[str]:
+        tag = f"f{fold}"
+        return [f"{tag}/orig"] + ([f"{tag}/hflip"] if self.flip_tta else [])
+
+    # ------------------------------------------------------------------ plans
+    def payload(self, gen: int) -> dict:
+        cfg = self.cfg
+        return {"detector": config_to_dict(cfg.detector), "augment": config_to_dict(cfg.augment),
+                "pre": config_to_dict(cfg.preprocess), "seed": cfg.run.seed, "gen": gen}
+
+    def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None,
+                   extra_ids: Sequence[str] = ()) -> list[FoldPlan]:
+        gt = training_boxes(self.table)
+        p_boxes = read_table(pseudo_dir / BOX_PSEUDO) if pseudo_dir else None
+        p_images = read_table(pseudo_dir / BOX_IMAGES) if pseudo_dir else None
+        dc, folds, plans = self.cfg.detector, self.ctx.folds, []
+        for fold in range(self.cfg.folds.k):
+            train_ids = [i for i in self.labeled_ids() if folds[i] != fold] + list(extra_ids)
+            val_ids = [i for i in self.labeled_ids() if folds[i] == fold]
+            ids, boxes = training_set(gt, train_ids, p_boxes, p_images)
+            teacher_images = len(train_ids) - len(extra_ids)
+            epochs = (dc.epochs if gen == 0 and not extra_ids else
+                      matched_epochs(dc.epochs, teacher_images, len(ids), dc.student_epochs))
+            plans.append(FoldPlan(fold, BoxTrainingSet(boxes, gen), tuple(ids), tuple(val_ids), epochs,
+                                  {"ids": ids, "boxes": fingerprint(boxes.round(6).to_dict("list"))}))
+        return plans
+
+    # ------------------------------------------------------------------ one fold
+    def fit_fold(self, plan: FoldPlan, out_dir: Path) -> dict:
+        """Train one fold detector of a generation and write its checkpoint."""
+        dc = self.cfg.detector
+        gen, boxes = plan.train.generation, plan.train.boxes
+        name = self.model_name(gen)
+        detector = create_detector(dc.kind, name, len(self.table.box_classes), list(self.table.box_classes), dc.img_size)
+        result = detector.fit(list(plan.train_ids), list(plan.val_ids), boxes, self.ctx.loader(), out_dir / "work",
+                              epochs=plan.epochs, batch_size=dc.batch_size, lr=dc.lr, img_size=dc.img_size,
+                              randaugment_n=ladder_value(dc.randaugment_n, gen),
+                              randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
+                              device=str(self.ctx.device), seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
+                              log=lambda record: log.info(format_epoch(record)))
+        detector.save(out_dir / DETECTOR_CHECKPOINT)
+        return {"model": name, "epochs": plan.epochs, "train_images": len(set(plan.train_ids)),
+                "train_boxes": int(len(boxes)), "fit": result if isinstance(result, dict) else None}
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, fold_dir: Path, fold: int, image_ids: Sequence[str]) -> pd.DataFrame:
+        """Boxes of one fold detector for every TTA view, tagged with the model ``f<fold>/<view>``."""
+        ids = list(image_ids)
+        if not ids:
+            return pd.DataFrame(columns=[*BOX_OUT, "model"])
+        detector = load_detector(fold_dir / DETECTOR_CHECKPOINT, str(self.ctx.device))
+        raw = detector.predict(ids, self.ctx.loader(), tta_hflip=self.flip_tta, conf_floor=self.cfg.detector.conf_floor,
+                               device=str(self.ctx.device), batch_size=self.cfg.detector.batch_size)
+        return raw.assign(model=[f"f{fold}/{v}" for v in raw["view"]])[[*BOX_OUT, "model"]]
+
+    def write_predictions(self, oof: pd.DataFrame, pool: pd.DataFrame, out_dir: Path) -> dict:
+        """oof_boxes.csv (each fold's OOF views fused), pool_raw.csv (every fold x view) and
+        pool_fused.csv (WBF over all of them)."""
+        folds = range(self.cfg.folds.k)
+        oof_parts = [self.fuse(oof[oof["fold"] == k].drop(columns="fold"), self.view_names(k), 0).assign(fold=k)
+                     for k in folds]
+        oof_fused = pd.concat(oof_parts, ignore_index=True)
+        write_table(out_dir / OOF_BOXES, oof_fused)
+        raw = pool.drop(columns="fold")
+        write_table(out_dir / POOL_RAW, raw)
+        models = [name for k in folds for name in self.view_names(k)]
+        fused = self.fuse(raw, models, self.cfg.detector.workers)
+        write_table(out_dir / POOL_FUSED, fused)
+        return {"oof_boxes": int(len(oof_fused)), "pool_raw": int(len(raw)), "pool_fused": int(len(fused)),
+                "models": models}
+
+    def fuse(self, raw: pd.DataFrame, models: list[str], workers: int) -> pd.DataFrame:
+        dc = self.cfg.detector
+        return fuse_boxes(raw, iou_thr=dc.iou_thr, skip_box_thr=dc.skip_box_thr, conf_type=dc.conf_type, models=models,
+                          workers=workers)
+
+    # ------------------------------------------------------------------ pseudo boxes
+    def select(self, teachers: dict[str, Path], out_dir: Path, cycle: int) -> dict:
+        """Per-class thresholds from OOF at the target precision, then kept boxes / negatives."""
+        dc, pred_dir = self.cfg.detector, teachers[DETECTOR]
+        test = set(self.ctx.ids("test"))
+        pool_ids = [i for i in self.pool_ids() if i not in test]
+        matched = mark_true_positives(read_table(pred_dir / OOF_BOXES), training_boxes(self.table), iou_thr=dc.metric_iou)
+        thresholds = pseudo.box_thresholds(matched, num_classes=len(self.table.box_classes),
+                                           target_precision=dc.target_precision)
+        fused = read_table(pred_dir / POOL_FUSED)
+        fused = fused[fused["image_id"].isin(set(pool_ids))]
+        boxes, images = pseudo.select_pseudo_boxes(fused, pool_ids, p_abnormal(self.table, teachers[CLASSIFIER]),
+                                                   thresholds=thresholds,
+                                                   negative_max_p_abnormal=dc.negative_max_p_abnormal)
+        write_table(out_dir / BOX_OOF_MATCHED, matched)
+        boxes = boxes.assign(cycle=cycle, source=f"gen{cycle - 1}/{DETECTOR}")  # models column = folds x views
+        write_table(out_dir / BOX_PSEUDO, boxes)
+        write_table(out_dir / BOX_IMAGES, images)
+        status = images["status"].value_counts().to_dict()
+        classes = self.table.box_classes
+        info = {"thresholds": dict(zip(classes, [None if np.isinf(t) else float(t) for t in thresholds])),
+                "boxes": int(len(boxes)), "images": {k: int(v) for k, v in status.items()},
+                "per_class": {classes[int(c)]: int(n) for c, n in boxes.groupby("class_id").size().items()}
+                if len(boxes) else {}}
+        if self.ctx.truth is not None:
+            reread = read_table(out_dir / BOX_PSEUDO)  # as the student will read them (CSV round trip)
+            info.update(box_truth_precision(reread, read_table(out_dir / BOX_IMAGES), self.ctx.truth,
+                                            iou_thr=dc.metric_iou))
+        write_json(out_dir / BOX_PSEUDO_INFO, info)
+        return info
+
+    # ------------------------------------------------------------------ scores
+    def score(self, pred_dir: Path) -> dict:
+        iou, table = self.cfg.detector.metric_iou, self.table
+        gt = training_boxes(table)
+        oof, pool = read_table(pred_dir / OOF_BOXES), read_table(pred_dir / POOL_FUSED)
+        boxed = self.ctx.box_labeled
+        test_ids = [i for i in self.ctx.ids("test") if i in boxed]
+        out = {"oof": evaluate_boxes(table, gt, oof, self.labeled_ids(), iou),
+               "test": evaluate_boxes(table, gt, pool, test_ids, iou)}
+        truth = self.ctx.truth
+        if truth is not None:
+            truth_ids = truth.items.loc[truth.items["box_labeled"], "image_id"].tolist()
+            unlabeled = set(self.ctx.ids("unlabeled"))
+            out["unlabeled_truth"] = evaluate_boxes(table, training_boxes(truth), pool,
+                                                    [i for i in truth_ids if i in unlabeled], iou)
+        return out
+
+
+def training_set(gt: pd.DataFrame, train_ids: list[str], pseudo_boxes: pd.DataFrame | None,
+                 pseudo_images: pd.DataFrame | None) -> tuple[list[str], pd.DataFrame]:
+    """Images and boxes of one fold: ground truth of its labeled images + the selected pseudo boxes
+    (images with status "boxes" or "negative"; "uncertain" ones are left out)."""
+    ids = list(train_ids)
+    boxes = [gt[gt["image_id"].isin(set(train_ids))][["image_id", "class_id", *BOX_COLUMNS]]]
+    if pseudo_images is not None and len(pseudo_images):
+        chosen = pseudo_images[pseudo_images["status"].isin(["boxes", "negative"])]["image_id"].tolist()
+        ids += chosen
+        boxes.append(pseudo_boxes[pseudo_boxes["image_id"].isin(set(chosen))][["image_id", "class_id", *BOX_COLUMNS]])
+    return ids, pd.concat(boxes, ignore_index=True)
+
+
+def p_abnormal(table: ItemTable, cls_pred: Path) -> pd.Series:
+    """Classifier P(abnormal) for every image: OOF for labeled ones, the fold ensemble elsewhere."""
+    preds = load_predictions(cls_pred)
+    frames = [preds["oof"]] + ([preds["pool"]] if "pool" in preds else [])
+    return p_abnormal_series(pd.concat(frames, ignore_index=True), table.normal_class)
+
+
+def mark_true_positives(pred: pd.DataFrame, gt: pd.DataFrame, *, iou_thr: float) -> pd.DataFrame:
+    """Predictions with a ``true_positive`` column (the mAP metric's matching rule)."""
+    return pred.assign(true_positive=true_positive_mask(pred, gt, iou_thr=iou_thr))
+
+
+def evaluate_boxes(table: ItemTable, gt: pd.DataFrame, pred: pd.DataFrame, image_ids: list[str],
+                   iou_thr: float) -> dict | None:
+    """mAP of predictions on the given box-labeled images (None when there are none)."""
+    if not image_ids:
+        return None
+    return mean_average_precision(pred, gt, num_classes=len(table.box_classes), iou_thr=iou_thr,
+                                  class_names=list(table.box_classes), image_ids=image_ids)
+
+
+def format_epoch(record) -> str:
+    """One readable log line from a detector's per-epoch record (a dict of losses and metrics)."""
+    if not isinstance(record, dict):
+        return str(record)
+    parts = [f"detector epoch {record.get('epoch', '?')}/{record.get('epochs', '?')}"]
+    for key, value in record.items():
+        if key not in ("epoch", "epochs", "final") and isinstance(value, (int, float)):
+            parts.append(f"{key.replace('metrics/', '').replace('(B)', '')} {value:.4g}")
+    return " | ".join(parts)
