@@ -32,7 +32,7 @@ PNG / JPEG (Pillow)
 Every problem with a file (missing, empty, truncated, not an image, no pixel data, smaller than
 ``MIN_SIDE`` pixels, no decoder) raises :class:`datasets.errors.DataError` with one line that names
 the file. Non-radiograph modalities (MR, CT, NM...) still read: the reader decodes what it is given,
-and the dataset adapters quarantine them (the policy is ``datasets.adapters.ACCEPTED_MODALITIES``).
+and the dataset adapters quarantine them (the policy is ``datasets.adapters.common.ACCEPTED_MODALITIES``).
 """
 from __future__ import annotations
 

@@ -13,19 +13,10 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cxr_noisy_student.datasets.adapters import (
-    CXR_COVID_STUDY_CLASSES,
-    FUSED_SOURCE,
-    VINBIG_BOX_CLASSES,
-    load_cxr_covid,
-    load_dataset,
-    load_generic,
-    load_hidden_truth,
-    load_siim,
-    load_vinbigdata,
-    parse_siim_boxes,
-    training_boxes,
-)
+from cxr_noisy_student.datasets.adapters import load_dataset, load_hidden_truth, training_boxes
+from cxr_noisy_student.datasets.adapters.generic import CXR_COVID_STUDY_CLASSES, load_cxr_covid, load_generic
+from cxr_noisy_student.datasets.adapters.siim import load_siim, parse_siim_boxes
+from cxr_noisy_student.datasets.adapters.vinbigdata import FUSED_SOURCE, VINBIG_BOX_CLASSES, load_vinbigdata
 from cxr_noisy_student.datasets.readers import pseudonymize
 from cxr_noisy_student.datasets.table import Quarantine
 from cxr_noisy_student.datasets.errors import DataError

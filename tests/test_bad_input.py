@@ -12,7 +12,7 @@ problem) are caught by the adapters and name the CSV row; problems only decoding
 file, a missing JPEG decoder) are caught by the cache and name the image file.
 
 Policy for DICOMs that are not radiographs (CT, MR, NM...): quarantined by every adapter
-(``datasets.adapters.ACCEPTED_MODALITIES``); OT/SC/no modality are accepted, as digitised films
+(``datasets.adapters.common.ACCEPTED_MODALITIES``); OT/SC/no modality are accepted, as digitised films
 carry them. Input that is unusual but fine (16-bit PNG, a spreadsheet's CSV) must simply load.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from cxr_noisy_student.datasets import demo
+from cxr_noisy_student.datasets import demo, demo_images
 from cxr_noisy_student.datasets.boxes import iou_matrix
 from cxr_noisy_student.datasets.errors import DataError
 from cxr_noisy_student.datasets.atomic import read_json
@@ -75,8 +75,8 @@ def test_monochrome1_stores_lungs_bright(demo_root):
             r, c = int(y * ds.Rows), int(x * ds.Columns)
             return float(np.median(pixels[r - 2:r + 3, c - 2:c + 3]))
 
-        lung = min(patch(*xy) for xy in demo.LUNG_CENTERS) if ds.PhotometricInterpretation == "MONOCHROME2" \
-            else max(patch(*xy) for xy in demo.LUNG_CENTERS)
+        lung = min(patch(*xy) for xy in demo_images.LUNG_CENTERS) if ds.PhotometricInterpretation == "MONOCHROME2" \
+            else max(patch(*xy) for xy in demo_images.LUNG_CENTERS)
         mediastinum = patch(0.5, 0.47)
         assert (lung > mediastinum) == (ds.PhotometricInterpretation == "MONOCHROME1"), path.name
 
@@ -98,7 +98,7 @@ def test_csv_is_vinbigdata_format_with_boxes_inside_the_image(demo_root, name, f
     assert (df["class_name"] == [demo.VINBIGDATA_CLASSES[c] for c in df["class_id"]]).all()
     normal = df["class_id"] == demo.NO_FINDING_ID
     assert df.loc[normal, ["x_min", "y_min", "x_max", "y_max"]].isna().all().all()
-    assert set(df.loc[~normal, "class_id"]) <= set(demo.DEMO_CLASS_IDS)
+    assert set(df.loc[~normal, "class_id"]) <= set(demo_images.DEMO_CLASS_IDS)
     for row in df[~normal].itertuples():
         ds = pydicom.dcmread(demo_root / folder / f"{row.image_id}.dicom", stop_before_pixels=True)
         assert 0 <= row.x_min < row.x_max <= ds.Columns and 0 <= row.y_min < row.y_max <= ds.Rows
@@ -136,12 +136,12 @@ def test_boxes_cover_their_lesions():
     """Nearly all of the lesion signal lies inside the boxes, and a visible nodule is brighter than its ring."""
     inside_share, contrasts = [], []
     for seed in range(16):
-        case = demo.synthesize_case(np.random.default_rng(seed), width=96, height=112, normal=False)
+        case = demo_images.synthesize_case(np.random.default_rng(seed), width=96, height=112, normal=False)
         covered = np.zeros(case.image.shape, dtype=bool)
         for lesion in case.lesions:
             x0, y0, x1, y1 = (int(round(v)) for v in lesion.box)
             covered[y0:y1, x0:x1] = True
-            if lesion.class_id == demo.NODULE_ID and lesion.visibility > 0.5:
+            if lesion.class_id == demo_images.NODULE_ID and lesion.visibility > 0.5:
                 ring = np.zeros_like(covered)
                 ring[max(y0 - 4, 0):y1 + 4, max(x0 - 4, 0):x1 + 4] = True
                 ring[y0:y1, x0:x1] = False

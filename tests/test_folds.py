@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr_noisy_student.datasets.adapters import load_cxr_covid, load_generic
+from cxr_noisy_student.datasets.adapters.generic import load_cxr_covid, load_generic
 from cxr_noisy_student.datasets.cache import dct_phash
 from cxr_noisy_student.datasets.readers import read_image
 from cxr_noisy_student.datasets.folds import assign_folds, check_no_leak, duplicate_groups, fold_strata
