@@ -1,4 +1,9 @@
-"""The one place a device name becomes a ``torch.device``."""
+"""The one place a device name from the config becomes a ``torch.device``.
+
+Why one place: a typo ("cdua", "gpu") or a CUDA device on a machine without one must fail at once
+with one line naming the key and the value, not as a torch traceback deep inside the first
+training step, minutes into a run.
+"""
 from __future__ import annotations
 
 import re
@@ -7,27 +12,29 @@ import torch
 
 from ..datasets.errors import ConfigError
 
-_NAMES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")
 
 
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """"auto"/None -> CUDA when available, else the CPU; "cpu", "cuda", "cuda:N" as given.
+def resolve_device(device: str | torch.device | None, *, key: str = "run.device") -> torch.device:
+    """"auto"/None -> cuda when available, else cpu; "cpu", "cuda" and "cuda:N" as they are.
+
+    Args:
+        device: the configured device (a ``torch.device`` of type cpu or cuda is accepted too).
+        key: the config key the value came from, named in the error.
 
     Raises:
-        ConfigError: a name that is not a device, or CUDA asked for on a machine without it (one
-            line instead of torch's traceback deep inside the first model move).
+        ConfigError: anything else, or a cuda device this machine does not have.
     """
-    if isinstance(name, torch.device):
-        name = str(name)
-    name = "auto" if name is None else str(name).strip()
-    if not _NAMES.match(name):
-        raise ConfigError(f"run.device {name!r}: not a device; use auto, cpu, cuda or cuda:N")
-    if name == "auto":
+    if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
+    name = str(device)
+    if not _DEVICE_NAME.fullmatch(name):
+        raise ConfigError(f"{key} {name!r}: not a device; use auto, cpu, cuda or cuda:N")
+    resolved = torch.device(name)
+    if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"run.device {name!r}: CUDA is not available on this machine (use --device cpu)")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"run.device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device(name)
+            raise ConfigError(f"{key} {name!r}: CUDA is not available on this machine; use auto or cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"{key} {name!r}: this machine has {count} CUDA device(s); use cuda:0 to cuda:{count - 1}")
+    return resolved

@@ -1,9 +1,8 @@
-"""The classifier fit loop: short, with hooks (detectron2's ``TrainerBase`` shape).
+"""The classifier fit: soft-target losses and the classifier's side of the one training loop.
 
-``fit`` builds a ``Trainer`` and runs it. The loop itself is ``Trainer.train`` (about 15 lines);
-everything optional (progress bars, extra logging, plots) is a ``Hook``. Hooks run inside the
-loop, so they must be cheap: reading ``trainer.losses`` as tensors costs nothing, calling
-``.item()`` on every step forces a GPU sync (``ProgressHook`` does it every few steps only).
+``fit`` builds a ``ClassifierTrainer`` (a ``loops.trainer.Trainer``) and runs it; the loop itself,
+hooks included, is ``Trainer.train``. This module says only what is particular to classifiers: the
+weighted soft-target loss, timm's optimiser, warmup + cosine, validation with a metric, and precise BN.
 
 Before each validation (and before returning the last weights when there is none) BatchNorm
 statistics are re-estimated over a few training batches with the current weights ("precise BN",
@@ -25,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from .predict import activate, amp_context, amp_dtype, predict_logits
 from .config import TrainConfig
+from .predict import activate, predict_logits
+from .trainer import Hook, Trainer, lr_factor
 
 LossKind = Literal["softmax", "bce"]
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
@@ -60,47 +59,6 @@ def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
     as much as a labeled image whatever else is in its batch.
     """
     return (sample_losses(logits, targets, kind=kind) * weights.float()).mean()
-
-
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to 1, then cosine to 0 at ``total_steps`` (multiplies the base learning rate)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ------------------------------------------------------------------------------ hooks
-
-
-class Hook:
-    """Override any of these; each gets the running ``Trainer``. Keep them cheap."""
-
-    def before_train(self, trainer: "Trainer") -> None: ...
-    def before_epoch(self, trainer: "Trainer") -> None: ...
-    def after_step(self, trainer: "Trainer") -> None: ...
-    def after_epoch(self, trainer: "Trainer") -> None: ...
-    def after_train(self, trainer: "Trainer") -> None: ...
-
-
-class ProgressHook(Hook):
-    """A tqdm bar per epoch with the running loss (read every ``every`` steps, to avoid GPU syncs)."""
-
-    def __init__(self, every: int = 10):
-        self.every, self.bar = every, None
-
-    def before_epoch(self, trainer: "Trainer") -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {trainer.epoch + 1}/{trainer.cfg.epochs}", leave=False)
-
-    def after_step(self, trainer: "Trainer") -> None:
-        self.bar.update(1)
-        if trainer.step % self.every == 0:
-            self.bar.set_postfix({k: f"{v.item():.4f}" for k, v in trainer.losses.items()})
-
-    def after_epoch(self, trainer: "Trainer") -> None:
-        self.bar.close()
 
 
 @dataclass
@@ -135,113 +93,68 @@ def fit(
         precise_bn_batches: training batches used to re-estimate BatchNorm statistics before each
             validation, capped at max(4, a quarter of an epoch) (0: keep the running statistics).
     """
-    return Trainer(model, train_ds, val_ds, cfg, loss=loss, metric_fn=metric_fn, device=device, hooks=hooks, log=log,
-                   seed=seed, precise_bn_batches=precise_bn_batches).train()
+    trainer = ClassifierTrainer(model, train_ds, val_ds, cfg, loss=loss, metric_fn=metric_fn, device=device, hooks=hooks,
+                                log=log, seed=seed, precise_bn_batches=precise_bn_batches)
+    trainer.train()
+    return trainer.result()
 
 
-class Trainer:
-    """State of one fit: model, optimiser, schedule, counters, the last losses, history, best weights."""
+class ClassifierTrainer(Trainer):
+    """The classifier's side of the loop: weighted soft-target loss, metric validation, precise BN."""
 
     def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, *, loss, metric_fn, device, hooks, log, seed,
                  precise_bn_batches=20):
         if len(train_ds) < 2:
             raise ValueError(f"need at least 2 training images, got {len(train_ds)}")
         sample_losses(torch.zeros(1, 1), torch.zeros(1, 1), kind=loss)  # validates the loss kind
-        self.cfg, self.kind, self.metric_fn, self.hooks, self.log = cfg, loss, metric_fn, list(hooks), log
+        self.cfg, self.kind, self.metric_fn, self.log = cfg, loss, metric_fn, log
         self.train_ds, self.val_ds = train_ds, val_ds
-        self.device = torch.device(device)
-        self.fast = cfg.amp and self.device.type == "cuda"
+        device = torch.device(device)
+        fast = cfg.amp and device.type == "cuda"
         torch.manual_seed(seed)
         if hasattr(train_ds, "reseed"):
             train_ds.reseed(seed)
-        self.model = model.to(self.device, memory_format=torch.channels_last if self.fast else torch.preserve_format)
-        self.loader = DataLoader(
+        model = model.to(device, memory_format=torch.channels_last if fast else torch.preserve_format)
+        loader = DataLoader(
             train_ds, batch_size=min(cfg.batch_size, len(train_ds)), shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
             num_workers=cfg.workers, generator=torch.Generator().manual_seed(seed), worker_init_fn=_seed_worker,
-            pin_memory=self.device.type == "cuda", persistent_workers=cfg.workers > 0,
+            pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
         )
-        self.steps_per_epoch = len(self.loader)
-        total = cfg.epochs * self.steps_per_epoch
-        self.optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        total = cfg.epochs * len(loader)
+        optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = round(cfg.warmup_epochs * len(loader))
         schedule = lambda s: lr_factor(s, warmup_steps=warmup, total_steps=total)  # noqa: E731
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.fast and amp_dtype(self.device) == torch.float16)
-        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
-        self.epoch = self.step = 0
-        self.losses: dict[str, torch.Tensor] = {}
-        self.history: list[dict] = []
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        super().__init__(model, loader, optimizer, scheduler, epochs=cfg.epochs, device=device, grad_clip=cfg.grad_clip,
+                         ema_decay=cfg.ema_decay, amp=cfg.amp, patience=cfg.patience, hooks=hooks)
         self.best_metric: float | None = None
-        self.best_score = -math.inf
-        self.best_state: dict | None = None
-        self.best_epoch = -1
-        self.stop = False
         self.precise_bn_batches = precise_bn_batches
 
-    def train(self) -> FitResult:
-        self._call("before_train")
-        for self.epoch in range(self.cfg.epochs):
-            self._call("before_epoch")
-            started, loss_sum, seen = time.perf_counter(), torch.zeros((), device=self.device), 0
-            self.model.train()
-            for batch in self.loader:
-                self.run_step(batch)
-                loss_sum += self.losses["loss"] * len(batch["image"])
-                seen += len(batch["image"])
-                self._call("after_step")
-            self.end_epoch(loss_sum.item() / seen, seen / (time.perf_counter() - started))
-            self._call("after_epoch")
-            if self.stop:
-                break
-        self._call("after_train")
-        return self.finish()
-
-    def run_step(self, batch: dict) -> None:
-        """Forward, weighted soft-target loss, backward, clip, step, schedule, EMA."""
+    def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], int]:
+        """Weighted soft-target loss of one batch (logits under autocast, the loss in float32)."""
         x = batch["image"].to(self.device, non_blocking=True)
         if self.fast:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["target"].to(self.device, non_blocking=True)
         w = batch["weight"].to(self.device, non_blocking=True)
-        with amp_context(self.device, self.fast):
+        with self.autocast():
             logits = self.model(x)
-        losses = {"loss": weighted_loss(logits, y, w, kind=self.kind)}
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.step += 1
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
-        self.losses = {k: v.detach() for k, v in losses.items()}
+        return {"loss": weighted_loss(logits, y, w, kind=self.kind)}, len(batch["image"])
 
-    @property
-    def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.model
-
-    def end_epoch(self, train_loss: float, images_per_s: float) -> None:
+    def end_epoch(self) -> dict:
         """Validate, keep the best weights, decide early stopping, log one line."""
-        lr = self.optimizer.param_groups[0]["lr"]
-        row = {"epoch": self.epoch + 1, "train_loss": train_loss, "lr": lr, "images_per_s": images_per_s}
+        train_loss = self.epoch_loss()
+        images_per_s = self.epoch_samples() / (time.perf_counter() - self.epoch_started)
+        row = {"epoch": self.epoch + 1, "train_loss": train_loss, "lr": self.lr, "images_per_s": images_per_s}
         if self.val_ds is not None and len(self.val_ds):
             self.recalibrate_bn()
             row.update(self.validate())
-            score = -math.inf if row["metric"] is None else row["metric"]
-            improved = self.best_state is None or score > self.best_score
-            if improved:
-                self.best_score = score
-                self.best_metric, self.best_epoch = row["metric"], self.epoch
-                self.best_state = _cpu_state(self.eval_model)
-            row["best"] = improved
-            patience = self.cfg.patience
-            self.stop = patience > 0 and self.epoch - self.best_epoch >= patience
-        self.history.append(row)
+            row["best"] = self.keep_if_best(-math.inf if row["metric"] is None else row["metric"])
+            if row["best"]:
+                self.best_metric = row["metric"]
         stop = f" | early stop: no better metric for {self.cfg.patience} epochs" if self.stop else ""
         self.log(_format_row(row, self.cfg.epochs) + stop)
+        return row
 
     @torch.no_grad()
     def recalibrate_bn(self) -> None:
@@ -259,7 +172,7 @@ class Trainer:
         batches = min(self.precise_bn_batches, max(4, math.ceil(self.steps_per_epoch / 4)))
         for batch in itertools.islice(self.loader, batches):
             x = batch["image"].to(self.device, non_blocking=True)
-            with amp_context(self.device, self.fast):
+            with self.autocast():
                 model(x.contiguous(memory_format=torch.channels_last) if self.fast else x)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -277,21 +190,14 @@ class Trainer:
             metric = float(value) if value is not None and np.isfinite(value) else None
         return {"val_loss": val_loss, "metric": metric}
 
-    def finish(self) -> FitResult:
-        """Put the returned weights (best epoch, or last without validation) into the model."""
+    def finish(self) -> None:
+        """As ``Trainer.finish``; without validation the last weights get precise BN first."""
         if self.best_state is None:
             self.recalibrate_bn()
-            self.best_state = _cpu_state(self.eval_model)
-        self.model.load_state_dict(self.best_state)
+        super().finish()
+
+    def result(self) -> FitResult:
         return FitResult(self.best_state, self.best_metric, self.history, len(self.history))
-
-    def _call(self, event: str) -> None:
-        for hook in self.hooks:
-            getattr(hook, event)(self)
-
-
-def _cpu_state(model: nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def _seed_worker(worker_id: int) -> None:

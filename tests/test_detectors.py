@@ -16,7 +16,8 @@ from PIL import Image
 from cxr_noisy_student.datasets.boxes import from_effdet_prediction, hflip, to_effdet
 from cxr_noisy_student.datasets.det_data import DetectionDataset
 from cxr_noisy_student.datasets.errors import DataError
-from cxr_noisy_student.teacher_student.detectors import PREDICTION_COLUMNS, create_detector, load_detector
+from cxr_noisy_student.teacher_student.detectors import create_detector, load_detector
+from cxr_noisy_student.teacher_student.detectors.base import PREDICTION_COLUMNS
 
 SIZE = 128
 CLASSES = ["square", "other"]
@@ -158,6 +159,17 @@ def test_effdet_save_load_round_trip(trained_effdet, squares, tmp_path):
     pd.testing.assert_frame_equal(det.predict(ids, images.__getitem__), again.predict(ids, images.__getitem__))
 
 
+def test_effdet_non_finite_loss_names_the_run(squares, tmp_path):
+    from cxr_noisy_student.loops.trainer import NonFiniteLossError
+
+    images, boxes = squares
+    ids = list(images)
+    det = create_detector("effdet", "tf_efficientdet_d0", 2, CLASSES, SIZE, preprocess=PREPROCESS)
+    with pytest.raises(NonFiniteLossError, match=r"^detector gen 0 fold 1: training loss is nan at step 2 \(epoch 1/1\);"):
+        det.fit(ids[:4], [], boxes, images.__getitem__, tmp_path, epochs=1, batch_size=2, lr=float("inf"), device="cpu",
+                run_name="detector gen 0 fold 1", log=lambda record: None)
+
+
 def test_effdet_edge_conversions(squares):
     """Engine box -> effdet target (pixel y,x,y,x, class + 1, -1 padding) -> prediction format -> engine box."""
     images, boxes = squares
@@ -246,7 +258,7 @@ def test_detection_dataset_with_box_safe_transform_and_bad_boxes(squares):
 
 
 def test_yolo_augmentation_mapping_grows_with_magnitude():
-    from cxr_noisy_student.teacher_student.detectors import yolo_augment_overrides
+    from cxr_noisy_student.teacher_student.detectors.yolo import yolo_augment_overrides
 
     teacher = yolo_augment_overrides(img_size=256, n=0, m=0, hflip=True, epochs=20)
     student = yolo_augment_overrides(img_size=256, n=2, m=15, hflip=False, epochs=20)

@@ -12,7 +12,8 @@ from cxr_noisy_student.loops.checkpoint import CheckpointError, preprocess_from_
 from cxr_noisy_student.teacher_student.models import load_classifier
 from cxr_noisy_student.loops.metrics import classification_metrics
 from cxr_noisy_student.loops.predict import predict_probs
-from cxr_noisy_student.loops.train import Hook, ProgressHook, fit, lr_factor, sample_losses, weighted_loss
+from cxr_noisy_student.loops.train import fit, sample_losses, weighted_loss
+from cxr_noisy_student.loops.trainer import Hook, NonFiniteLossError, ProgressHook, lr_factor
 from cxr_noisy_student.loops.config import TrainConfig
 from cxr_noisy_student.datasets.config import PreprocessConfig, config_to_dict
 from cxr_noisy_student.teacher_student.models import create_classifier
@@ -175,6 +176,17 @@ def test_fit_without_validation_keeps_last_weights_with_ema_and_bce(task):
     assert progress.bar.n == progress.bar.total == 4  # the last epoch's bar saw every step
     assert all("val_loss" not in h and np.isfinite(h["train_loss"]) for h in result.history)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in result.best_state.items())
+
+
+def test_non_finite_loss_stops_fit_with_one_line(task):
+    torch.manual_seed(0)
+    model = create_classifier(MODEL, 2)
+    train, _ = datasets(task)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=float("inf"), warmup_epochs=0, workers=0)  # step 1 ruins the weights
+    with pytest.raises(NonFiniteLossError) as err:
+        fit(model, train, None, cfg, loss="softmax", device="cpu", log=lambda s: None)
+    assert str(err.value) == ("training loss is nan at step 2 (epoch 1/2); stopped instead of training on: "
+                              "lower the learning rate or check the inputs")
 
 
 # ------------------------------------------------------------------------------ predict
