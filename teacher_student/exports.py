@@ -41,12 +41,14 @@ from ..datasets.boxes import BOX_COLUMNS
 from ..datasets.table import ItemTable, load_table
 from ..datasets.errors import DataError
 from ..datasets.atomic import atomic_path, read_json, read_table, write_json, write_table
-from .report import check_cycle, cycles_run, default_loader, label_strings, load_run_config
+from .layout import BOX_IMAGES, BOX_PSEUDO, CLASS_PSEUDO, FOLDS, GATE, SUBMISSION, RunLayout
+from .report.run_reader import check_cycle, default_loader, load_run_config
+from .report.stats import label_strings
 
 FORMATS = ("csv", "yolo", "coco", "submission")
 CSV_COLUMNS = ["image_id", "kind", "label", "class_id", "score", "copies", "cycle", "source", "folds", "models",
                "n_models", *BOX_COLUMNS]
-SUBMISSIONS = ("submission_raw.csv", "submission_gated.csv")
+SUBMISSIONS = (SUBMISSION.format("raw"), SUBMISSION.format("gated"))
 
 EPILOG = """\
 examples:
@@ -103,22 +105,23 @@ def export(run_dir: Path, cycle: int | None, fmt: str, dest: Path, *, include_la
         raise DataError(f"{run_dir}: no such run directory")
     if fmt == "submission":
         return copy_submissions(run_dir, dest)
+    layout = RunLayout(run_dir)
     if cycle is None:
-        done = cycles_run(run_dir)
+        done = layout.cycles_with_pseudo_labels()
         if not done:
             raise DataError(f"{run_dir}: no cycle has made pseudo labels yet")
         cycle = done[-1]
     if cycle < 1:
         raise DataError(f"--cycle {cycle}: cycles are numbered from 1 (cycle 0 trains the first teachers only)")
     pseudo_dir = check_cycle(run_dir, cycle)
-    table = load_table(run_dir / "data")
+    table = load_table(layout.data)
     if fmt == "csv":
         frame = pseudo_rows(table, pseudo_dir, cycle)
         if include_labeled:
             frame = pd.concat([ground_truth_rows(table, run_dir), frame], ignore_index=True)
         write_table(dest, frame[CSV_COLUMNS])
         return dest
-    if not table.box_classes or not (pseudo_dir / "box_pseudo.csv").exists():
+    if not table.box_classes or not (pseudo_dir / BOX_PSEUDO).exists():
         raise DataError(f"{pseudo_dir}: this run has no pseudo boxes (detector disabled), so there is nothing to "
                         f"export as {fmt}; use --format csv")
     if fmt == "coco":
@@ -131,12 +134,12 @@ def export(run_dir: Path, cycle: int | None, fmt: str, dest: Path, *, include_la
 
 def pseudo_rows(table: ItemTable, pseudo_dir: Path, cycle: int) -> pd.DataFrame:
     """The cycle's pseudo labels as one provenance table (classifier labels, boxes, negatives)."""
-    cls = read_table(pseudo_dir / "class_pseudo.csv", dtype={"folds": str})
+    cls = read_table(pseudo_dir / CLASS_PSEUDO, dtype={"folds": str})
     frames = [pd.DataFrame({"image_id": cls["image_id"], "kind": "classifier", "label": cls["label"],
                             "class_id": cls["class_index"], "score": cls["confidence"], "copies": cls["copies"],
                             "cycle": cls["cycle"], "source": cls["source"], "folds": cls["folds"]})]
-    if (pseudo_dir / "box_pseudo.csv").exists():
-        boxes = read_table(pseudo_dir / "box_pseudo.csv")
+    if (pseudo_dir / BOX_PSEUDO).exists():
+        boxes = read_table(pseudo_dir / BOX_PSEUDO)
         names = np.array(table.box_classes, dtype=object)
         frames.append(boxes.assign(kind="box", label=names[boxes["class_id"].to_numpy(int)] if len(boxes) else [],
                                    copies=1))
@@ -148,7 +151,7 @@ def pseudo_rows(table: ItemTable, pseudo_dir: Path, cycle: int) -> pd.DataFrame:
 def negative_rows(pseudo_dir: Path, cycle: int) -> pd.DataFrame:
     """Unlabeled images taught as "no finding": no pseudo box kept and the classifier confidently
     normal. Score = 1 - P(abnormal), the classifier's confidence that the image is normal."""
-    images = read_table(pseudo_dir / "box_images.csv")
+    images = read_table(pseudo_dir / BOX_IMAGES)
     neg = images[images["status"] == "negative"]
     return pd.DataFrame({"image_id": neg["image_id"], "kind": "negative", "label": "no finding",
                          "score": 1.0 - neg["p_abnormal"].astype(float), "copies": 1, "cycle": cycle,
@@ -180,8 +183,8 @@ def ground_truth_rows(table: ItemTable, run_dir: Path) -> pd.DataFrame:
 
 def pseudo_boxes_with_negatives(pseudo_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     """Kept pseudo boxes and the image ids the student detector trains on (boxes + negatives)."""
-    boxes = read_table(pseudo_dir / "box_pseudo.csv")
-    images = read_table(pseudo_dir / "box_images.csv")
+    boxes = read_table(pseudo_dir / BOX_PSEUDO)
+    images = read_table(pseudo_dir / BOX_IMAGES)
     ids = images.loc[images["status"].isin(["boxes", "negative"]), "image_id"].tolist()
     return boxes[boxes["image_id"].isin(set(ids))].reset_index(drop=True), ids
 
@@ -199,7 +202,7 @@ def image_sizes(run_dir: Path, table: ItemTable, ids: list[str]) -> dict[str, tu
     from ..datasets.cache import ImageCache
 
     cfg, _ = load_run_config(run_dir)
-    info = ImageCache(Path(cfg.run.cache_dir) if cfg.run.cache_dir else run_dir / "cache", cfg.preprocess).info()
+    info = ImageCache(RunLayout(run_dir, cfg.run.cache_dir).cache, cfg.preprocess).info()
     info = info.set_index("image_id")
     missing = [i for i in ids if i not in info.index]
     if missing:
@@ -235,7 +238,7 @@ def export_yolo_folder(run_dir: Path, table: ItemTable, pseudo_dir: Path, dest: 
     from ..datasets.adapters import training_boxes
     from ..datasets.export import export_yolo
 
-    folds = read_table(run_dir / "data" / "folds.csv").set_index("image_id")["fold"]
+    folds = read_table(RunLayout(run_dir).data / FOLDS).set_index("image_id")["fold"]
     gt_ids = [i for i in labeled_box_ids(table) if i in folds.index]
     boxes, pseudo_ids = pseudo_boxes_with_negatives(pseudo_dir)
     gt = training_boxes(table)
@@ -252,12 +255,12 @@ def export_yolo_folder(run_dir: Path, table: ItemTable, pseudo_dir: Path, dest: 
 
 def copy_submissions(run_dir: Path, dest: Path) -> Path:
     """Copy the final submission CSVs (and gate.json, which says how they were gated) into ``dest``."""
-    final = run_dir / "final"
+    final = RunLayout(run_dir).final
     found = [final / name for name in SUBMISSIONS if (final / name).exists()]
     if not found:
         raise DataError(f"{final}: no final submissions yet (the run has not finished its last cycle)")
     dest.mkdir(parents=True, exist_ok=True)
-    for src in found + ([final / "gate.json"] if (final / "gate.json").exists() else []):
+    for src in found + ([final / GATE] if (final / GATE).exists() else []):
         with atomic_path(dest / src.name) as tmp:
             shutil.copyfile(src, tmp)
     return dest

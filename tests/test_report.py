@@ -38,8 +38,10 @@ from cxr_noisy_student.datasets.atomic import write_json, write_table
 from cxr_noisy_student.teacher_student import pseudo
 from cxr_noisy_student.teacher_student.config import EngineConfig, load_config
 from cxr_noisy_student.datasets.config import config_to_dict
-from cxr_noisy_student.teacher_student.report import (expected_calibration_error, label_issues, reliability_table, true_positive_mask,
-                                    verdict, write_cycle_report, write_index)
+from cxr_noisy_student.loops.det_metrics import true_positive_mask
+from cxr_noisy_student.teacher_student.report import write_cycle_report, write_index
+from cxr_noisy_student.teacher_student.report.stats import (expected_calibration_error, label_issues, reliability_table,
+                                                            verdict)
 
 VERDICTS = {"trust", "review", "do not use", "none kept"}
 

@@ -1,0 +1,140 @@
+"""Building and writing the reports: one page per cycle and the run's index.
+
+Why the sections run in this order: the verdict table comes first because it is what a reader
+acts on; everything below it is the evidence (confidence, precision, calibration, agreement,
+drift, sample grids, label issues, data quality). The HTML goes to ``RunLayout.report(c)`` and
+the same numbers to ``RunLayout.report_json(c)``, both written atomically.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ...datasets.atomic import atomic_path, write_json
+from ...datasets.errors import DataError
+from ..layout import RunLayout
+from ..summary import dig
+from .class_stats import box_stats, box_truth_precision, class_stats
+from .drift import drift_section
+from .figures import Thumbs
+from .grids import grids_section
+from .html import Report, clean_json, esc, fmt, html_table, page
+from .run_reader import CycleData, Loader, default_loader, optional_json, read_cycle
+from .sections import (agreement_section, calibration_section, confidence_section, label_issue_section, pool_spread,
+                       pr_section, quality_section, verdict_section)
+from .stats import DEFAULT_TARGET_PRECISION, VERDICT_RULES
+
+
+def build_report(d: CycleData, load: Loader | None, load_problem: str | None, target_precision: float | None) -> Report:
+    """Every section of one cycle's report, verdicts first; ``load_problem`` says why thumbnails are missing."""
+    target = target_precision or d.cfg.pseudo.target_precision or DEFAULT_TARGET_PRECISION
+    box_target = target_precision or d.cfg.detector.target_precision
+    r = Report()
+    class_rows = class_stats(d, target)
+    box_truth = box_truth_precision(d)
+    box_rows = box_stats(d, box_target, box_truth) if d.has_boxes else []
+    verdict_section(d, r, class_rows, box_rows, target, box_target)
+    confidence_section(d, r, class_rows)
+    pr_section(d, r, class_rows, box_rows)
+    calibration_section(d, r)
+    spread = pool_spread(d)
+    agreement_section(d, r, spread)
+    if d.has_boxes and d.box_images is not None:
+        status = d.box_images["status"].value_counts().to_dict()
+        r.add("<h3>Pseudo-box images by status</h3>", html_table([{"status": k, "images": int(v)} for k, v in status.items()]))
+        r.data["box_images"] = {k: int(v) for k, v in status.items()}
+    drift_section(d, r)
+    thumbs = Thumbs(load, d.table.box_classes, load_problem)
+    grids_section(d, r, thumbs, spread)
+    label_issue_section(d, r, thumbs)
+    quality_section(d, r, box_truth)
+    return r
+
+
+def write_cycle_report(run_dir: str | Path, cycle: int, *, load: Loader | None = None,
+                       target_precision: float | None = None) -> Path:
+    """Write ``<run>/cycle<c>/report.html`` and ``report.json`` for one cycle; return the HTML path.
+
+    Args:
+        run_dir: the run directory (``run.out``).
+        cycle: the cycle (>= 1) whose pseudo labels to judge.
+        load: image id -> uint8 image, for the thumbnails; None: the run's preprocessing cache.
+            When images cannot be loaded the grids say so and the rest of the report is unchanged.
+        target_precision: the precision a class must reach to be trusted; None: the run's
+            ``pseudo.target_precision`` (``detector.target_precision`` for boxes), else 0.8.
+
+    Raises:
+        DataError: the run or the cycle's pseudo labels do not exist (one line).
+    """
+    start = time.perf_counter()
+    d = read_cycle(run_dir, cycle)
+    problem = None
+    if load is None:
+        try:
+            load = default_loader(d.run_dir, d.cfg)
+        except (DataError, OSError, ValueError) as err:
+            problem = f"the preprocessing cache cannot be opened ({err})"
+    r = build_report(d, load, problem, target_precision)
+    teacher = dig(next((g for g in (d.summary or {}).get("generations", []) if g.get("generation") == cycle - 1), {}), "model")
+    seconds = time.perf_counter() - start
+    header = (f"<h1>Pseudo-label quality — cycle {cycle}</h1><p class='meta'>run {esc(d.run_dir.name)} · teacher: "
+              f"generation {cycle - 1}{' (' + esc(teacher) + ')' if teacher else ''} · labels: {esc(d.mode)} · "
+              f"built {time.strftime('%Y-%m-%d %H:%M')} in {seconds:.1f} s</p>" +
+              "".join(f"<p class='note'>{esc(n)}</p>" for n in d.notes))
+    text = page(f"cycle {cycle} pseudo-label report", header, r)
+    with atomic_path(d.layout.report(cycle)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    r.data.update(cycle=cycle, teacher_generation=cycle - 1, label_mode=d.mode, notes=d.notes,
+                  build={"seconds": round(seconds, 3), "html_bytes": len(text.encode("utf-8"))})
+    write_json(d.layout.report_json(cycle), clean_json(r.data))
+    return d.layout.report(cycle)
+
+
+def write_index(run_dir: str | Path) -> Path:
+    """Write ``<run>/index.html``: the per-generation summary table and a link to every cycle report."""
+    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    summary = optional_json(layout.summary) or {}
+    r = Report()
+    r.section("cycles", "Cycle reports")
+    rows = []
+    for c in layout.cycles_with_pseudo_labels():
+        info = optional_json(layout.report_json(c)) or {}
+        verdicts = [v["verdict"] for v in dig(info, "verdicts", "classes") or []] + \
+                   [v["verdict"] for v in dig(info, "verdicts", "boxes") or []]
+        counts = ", ".join(f"{w} {verdicts.count(w)}" for w, _ in VERDICT_RULES if verdicts.count(w))
+        report = layout.report(c)
+        link = (f'<a href="{report.relative_to(layout.root).as_posix()}">cycle {c} report</a>' if report.exists()
+                else f"cycle {c}: report not built")
+        rows.append(f"<tr><td class='s'>{link}</td><td class='s'>{esc(counts or '–')}</td></tr>")
+    r.add("<table><tr><th>report</th><th>verdicts</th></tr>" + "".join(rows) + "</table>" if rows else
+          "<p>No cycle has made pseudo labels yet.</p>")
+    r.section("summary", "Summary per generation")
+    r.add(html_table(summary_rows(summary)) if summary else "<p>summary.json is not written yet (the run is not finished).</p>")
+    gate = summary.get("gate")
+    if gate:
+        r.add(f"<p>Gate ({esc(gate.get('mode'))}, low {fmt(gate.get('low'), 2)}, high {fmt(gate.get('high'), 2)}): "
+              f"test mAP with 'No finding' {fmt(dig(gate, 'test', 'ungated'))} → {fmt(dig(gate, 'test', 'gated'))}</p>")
+    header = f"<h1>Run {esc(run_dir.name)}</h1><p class='meta'>wall time {fmt(summary.get('wall_seconds'), 0)} s</p>"
+    with atomic_path(layout.index) as tmp:
+        tmp.write_text(page(f"run {run_dir.name}", header, r), encoding="utf-8")
+    return layout.index
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """One row per generation (and the oracle) from summary.json."""
+    pseudo = {c["cycle"]: c.get("pseudo", {}) for c in summary.get("cycles", [])}
+    rows = []
+    for g in summary.get("generations", []):
+        p = pseudo.get(g["generation"], {})
+        rows.append({"generation": g["generation"], "classifier": g.get("model"),
+                     "AUC oof": dig(g, "classifier", "oof", "auc_macro"), "AUC test": dig(g, "classifier", "test", "auc_macro"),
+                     "detector": g.get("detector_model"), "mAP oof": dig(g, "detector", "oof", "map"),
+                     "mAP test": dig(g, "detector", "test", "map"),
+                     "pseudo labels": dig(p, "classifier", "after_balance"), "pseudo precision": dig(p, "classifier", "precision"),
+                     "pseudo boxes": dig(p, "detector", "boxes"), "box precision": dig(p, "detector", "precision")})
+    oracle = summary.get("oracle")
+    if oracle:
+        rows.append({"generation": "oracle", "classifier": oracle.get("model"),
+                     "AUC test": dig(oracle, "classifier", "test", "auc_macro"), "mAP test": dig(oracle, "detector", "test", "map")})
+    return rows

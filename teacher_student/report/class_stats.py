@@ -1,0 +1,143 @@
+"""The verdict table's rows: one per study class and one per box class, read off the OOF predictions.
+
+Why per class: a teacher can be trustworthy on one finding and guessing on another, so each class
+is judged at the threshold it was selected at (:func:`class_thresholds_used`), with the statistics
+of :mod:`.stats`; where the run has hidden truth (the demo) the kept pseudo labels are also scored
+against it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ...loops.det_metrics import true_positive_mask
+from ..layout import prob_columns
+from ..pseudo import LabelMode, sharpen
+from .run_reader import CycleData
+from .stats import (TRUST_MAX_ECE, class_scores, curve_at, expected_calibration_error, positives, pr_table, verdict,
+                    wilson_interval)
+
+
+def class_thresholds_used(d: CycleData) -> np.ndarray:
+    """The threshold each class was selected at: per-class from OOF, else the global confidence."""
+    given = d.class_info.get("thresholds")
+    if given:
+        return np.array([float("inf") if given.get(c) is None else float(given[c]) for c in d.classes])
+    return np.full(len(d.classes), float(d.cfg.pseudo.confidence))
+
+
+def labeled_oof(d: CycleData) -> tuple[pd.DataFrame, np.ndarray]:
+    """OOF rows of images with a study label, and their targets."""
+    known = set(d.table.items.loc[d.table.items["has_study_label"], "image_id"])
+    oof = d.oof[d.oof["image_id"].isin(known)].reset_index(drop=True)
+    return oof, d.table.study_targets(oof["image_id"])
+
+
+def class_members(labels: pd.Series, name: str, mode: LabelMode) -> pd.Series:
+    """Which pseudo labels name class ``name`` (multilabel labels are '|'-joined class names)."""
+    if mode == "multiclass":
+        return labels == name
+    return labels.astype(str).str.split("|").map(lambda parts: name in parts)
+
+
+def student_view(d: CycleData, probs: np.ndarray) -> np.ndarray:
+    """The probabilities as the student learns them: raw teacher output at ``pseudo.temperature``."""
+    return sharpen(probs, temperature=d.cfg.pseudo.temperature, mode=d.mode).astype(np.float64)
+
+
+def class_stats(d: CycleData, target: float) -> list[dict]:
+    """One row per study class: threshold, OOF precision/recall there, ECE (at the run's
+    temperature), kept counts, verdict."""
+    oof, y = labeled_oof(d)
+    raw = oof[prob_columns(d.classes)].to_numpy(np.float64)
+    scored = class_scores(raw, y, mode=d.mode)
+    calibration = class_scores(student_view(d, raw), y, mode=d.mode)
+    max_ece = TRUST_MAX_ECE if d.cfg.pseudo.mode == "soft" else None
+    thresholds = class_thresholds_used(d)
+    kept_sel = d.selection[d.selection["kept"].astype(bool)]
+    truth = truth_precision_per_class(d)
+    rows = []
+    for c, name in enumerate(d.classes):
+        scores, correct = scored[c]
+        at = curve_at(pr_table(scores, correct, n_positive=positives(y, c, mode=d.mode)), thresholds[c])
+        low, high = wilson_interval(at["true_positives"], at["kept"])
+        ece = expected_calibration_error(*calibration[c])
+        kept = int(class_members(kept_sel["label"], name, d.mode).sum())
+        balanced = d.class_pseudo[class_members(d.class_pseudo["label"], name, d.mode)] if len(d.class_pseudo) else d.class_pseudo
+        word, why = verdict(precision=at["precision"], low=low, high=high, n_oof=at["kept"], ece=ece, kept=kept,
+                            target_precision=target, max_ece=max_ece)
+        rows.append({"kind": "class", "name": name, "threshold": float(thresholds[c]), "oof_n": at["kept"],
+                     "oof_precision": at["precision"], "ci_low": low, "ci_high": high, "oof_recall": at["recall"],
+                     "ece": ece, "kept": kept, "after_balance": int(balanced["copies"].sum()) if len(balanced) else 0,
+                     "truth_precision": truth.get(name), "verdict": word, "rule": why})
+    return rows
+
+
+def box_gt(d: CycleData) -> pd.DataFrame:
+    """Ground-truth boxes of the labeled, box-annotated images (the ones OOF boxes are scored on)."""
+    from ...datasets.adapters import training_boxes
+
+    boxed = set(d.table.items.loc[d.table.items["box_labeled"], "image_id"]) & set(d.folds.index)
+    gt = training_boxes(d.table)
+    return gt[gt["image_id"].isin(boxed)]
+
+
+def box_thresholds_used(d: CycleData) -> np.ndarray:
+    given = (d.box_info or {}).get("thresholds") or {}
+    return np.array([float("inf") if given.get(n) is None else float(given[n]) for n in d.table.box_classes])
+
+
+def box_truth_precision(d: CycleData) -> dict[str, float]:
+    """Per box class, the share of kept pseudo boxes (on images with hidden truth) matching a true box."""
+    if d.truth is None or not d.has_boxes:
+        return {}
+    from ...datasets.adapters import training_boxes
+
+    known = set(d.truth.items.loc[d.truth.items["box_labeled"], "image_id"])
+    boxes = d.box_pseudo[d.box_pseudo["image_id"].isin(known)]
+    if boxes.empty:
+        return {}
+    hits = true_positive_mask(boxes, training_boxes(d.truth), iou_thr=d.cfg.detector.metric_iou)
+    return {d.table.box_classes[int(k)]: float(hits[(boxes["class_id"] == k).to_numpy()].mean())
+            for k in sorted(boxes["class_id"].unique())}
+
+
+def box_stats(d: CycleData, target: float, truth: dict[str, float]) -> list[dict]:
+    """One row per box class: score threshold, OOF precision/recall (vs GT boxes) there, ECE, kept
+    boxes, and ``truth`` (:func:`box_truth_precision`)."""
+    gt = box_gt(d)
+    thresholds = box_thresholds_used(d)
+    rows = []
+    for k, name in enumerate(d.table.box_classes):
+        m = d.matched[d.matched["class_id"] == k]
+        scores, correct = m["score"].to_numpy(np.float64), m["true_positive"].astype(bool).to_numpy()
+        at = curve_at(pr_table(scores, correct, n_positive=int((gt["class_id"] == k).sum())), thresholds[k])
+        low, high = wilson_interval(at["true_positives"], at["kept"])
+        ece = expected_calibration_error(np.clip(scores, 0, 1), correct)
+        kept = int((d.box_pseudo["class_id"] == k).sum())
+        word, why = verdict(precision=at["precision"], low=low, high=high, n_oof=at["kept"], ece=ece, kept=kept,
+                            target_precision=target, max_ece=None)
+        rows.append({"kind": "box", "name": name, "threshold": float(thresholds[k]), "oof_n": at["kept"],
+                     "oof_precision": at["precision"], "ci_low": low, "ci_high": high, "oof_recall": at["recall"],
+                     "ece": ece, "kept": kept, "after_balance": None, "truth_precision": truth.get(name), "verdict": word,
+                     "rule": why})
+    return rows
+
+
+def truth_precision_per_class(d: CycleData) -> dict[str, float | None]:
+    """Per class, the share of kept pseudo labels that agree with the hidden truth (demo data)."""
+    if d.truth is None:
+        return {}
+    items = d.truth.items.set_index("image_id")
+    kept = d.selection[d.selection["kept"].astype(bool)]
+    kept = kept[kept["image_id"].map(lambda i: bool(items["has_study_label"].get(i, False)))]
+    if kept.empty:
+        return {}
+    y = d.truth.study_targets(kept["image_id"])
+    out = {}
+    for c, name in enumerate(d.classes):
+        mine = class_members(kept["label"], name, d.mode).to_numpy()
+        if mine.any():
+            right = y[mine].argmax(axis=1) == c if d.mode == "multiclass" else y[mine, c] >= 0.5
+            out[name] = float(right.mean())
+    return out
