@@ -113,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from cxr_noisy_student.datasets.errors import DataError
+    from cxr_noisy_student.datasets.errors import ConfigError, DataError, TrainingError
     from cxr_noisy_student.datasets.config import config_to_dict
-    from cxr_noisy_student.datasets.errors import ConfigError
 
     try:
         cfg = resolve_config(args)
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         from cxr_noisy_student.teacher_student.cycle.runner import run_cycles
 
         summary = run_cycles(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_table(summary)

@@ -12,3 +12,7 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message says which and why."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss...); the message is one line naming the run and step."""

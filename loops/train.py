@@ -77,6 +77,7 @@ def fit(
     model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig, *,
     loss: LossKind, metric_fn: MetricFn | None = None, device: torch.device | str = "cpu",
     hooks: Sequence[Hook] = (), log: Callable[[str], None] = print, seed: int = 0, precise_bn_batches: int = 20,
+    name: str | None = None,
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best weights (the last without val_ds).
 
@@ -92,9 +93,10 @@ def fit(
         seed: seeds torch (dropout, stochastic depth), the loader's shuffling and the augmentation.
         precise_bn_batches: training batches used to re-estimate BatchNorm statistics before each
             validation, capped at max(4, a quarter of an epoch) (0: keep the running statistics).
+        name: names the run ("classifier gen 1 fold 0") in the one-line non-finite loss error.
     """
     trainer = ClassifierTrainer(model, train_ds, val_ds, cfg, loss=loss, metric_fn=metric_fn, device=device, hooks=hooks,
-                                log=log, seed=seed, precise_bn_batches=precise_bn_batches)
+                                log=log, seed=seed, precise_bn_batches=precise_bn_batches, name=name)
     trainer.train()
     return trainer.result()
 
@@ -103,7 +105,7 @@ class ClassifierTrainer(Trainer):
     """The classifier's side of the loop: weighted soft-target loss, metric validation, precise BN."""
 
     def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, *, loss, metric_fn, device, hooks, log, seed,
-                 precise_bn_batches=20):
+                 precise_bn_batches=20, name=None):
         if len(train_ds) < 2:
             raise ValueError(f"need at least 2 training images, got {len(train_ds)}")
         sample_losses(torch.zeros(1, 1), torch.zeros(1, 1), kind=loss)  # validates the loss kind
@@ -126,7 +128,7 @@ class ClassifierTrainer(Trainer):
         schedule = lambda s: lr_factor(s, warmup_steps=warmup, total_steps=total)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         super().__init__(model, loader, optimizer, scheduler, epochs=cfg.epochs, device=device, grad_clip=cfg.grad_clip,
-                         ema_decay=cfg.ema_decay, amp=cfg.amp, patience=cfg.patience, hooks=hooks)
+                         ema_decay=cfg.ema_decay, amp=cfg.amp, patience=cfg.patience, hooks=hooks, name=name)
         self.best_metric: float | None = None
         self.precise_bn_batches = precise_bn_batches
 

@@ -24,12 +24,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..datasets.errors import TrainingError
 from .predict import amp_context, amp_dtype
 
 LossDict = dict[str, torch.Tensor]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(TrainingError, FloatingPointError):
     """The training loss became NaN or infinite; the message is one line naming run, step and epoch."""
 
 

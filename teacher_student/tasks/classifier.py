@@ -144,7 +144,8 @@ class ClassifierTask(Task):
         val_ds = ClassificationDataset(load, list(plan.val_ids), self.table.study_targets(plan.val_ids), None, None,
                                        pp.mean, pp.std)
         result = fit(model, train_ds, val_ds, replace(cfg.classifier.train, epochs=plan.epochs), loss=self.loss_kind,
-                     metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info)
+                     metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info,
+                     name=f"{CLASSIFIER} gen {gen} fold {plan.fold}")
         meta = {
             "model_name": name, "num_classes": len(self.table.study_classes),
             "class_names": list(self.table.study_classes), "drop_rate": drop, "drop_path_rate": drop_path,

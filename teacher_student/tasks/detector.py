@@ -109,7 +109,8 @@ class DetectorTask(Task):
                               randaugment_n=ladder_value(dc.randaugment_n, gen),
                               randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
                               device=str(self.ctx.device), seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
-                              log=lambda record: log.info(format_epoch(record)))
+                              log=lambda record: log.info(format_epoch(record)),
+                              run_name=f"{DETECTOR} gen {gen} fold {plan.fold}")
         detector.save(out_dir / DETECTOR_CHECKPOINT)
         return {"model": name, "epochs": plan.epochs, "train_images": len(set(plan.train_ids)),
                 "train_boxes": int(len(boxes)), "fit": result if isinstance(result, dict) else None}
