@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ...loops.det_metrics import true_positive_mask
+from ..evaluation import box_truth_precision_per_class, class_members, class_truth_precision_per_class
 from ..layout import prob_columns
 from ..pseudo import LabelMode, sharpen
 from .run_reader import CycleData
@@ -31,13 +31,6 @@ def labeled_oof(d: CycleData) -> tuple[pd.DataFrame, np.ndarray]:
     known = set(d.table.items.loc[d.table.items["has_study_label"], "image_id"])
     oof = d.oof[d.oof["image_id"].isin(known)].reset_index(drop=True)
     return oof, d.table.study_targets(oof["image_id"])
-
-
-def class_members(labels: pd.Series, name: str, mode: LabelMode) -> pd.Series:
-    """Which pseudo labels name class ``name`` (multilabel labels are '|'-joined class names)."""
-    if mode == "multiclass":
-        return labels == name
-    return labels.astype(str).str.split("|").map(lambda parts: name in parts)
 
 
 def student_view(d: CycleData, probs: np.ndarray) -> np.ndarray:
@@ -91,15 +84,7 @@ def box_truth_precision(d: CycleData) -> dict[str, float]:
     """Per box class, the share of kept pseudo boxes (on images with hidden truth) matching a true box."""
     if d.truth is None or not d.has_boxes:
         return {}
-    from ...datasets.adapters import training_boxes
-
-    known = set(d.truth.items.loc[d.truth.items["box_labeled"], "image_id"])
-    boxes = d.box_pseudo[d.box_pseudo["image_id"].isin(known)]
-    if boxes.empty:
-        return {}
-    hits = true_positive_mask(boxes, training_boxes(d.truth), iou_thr=d.cfg.detector.metric_iou)
-    return {d.table.box_classes[int(k)]: float(hits[(boxes["class_id"] == k).to_numpy()].mean())
-            for k in sorted(boxes["class_id"].unique())}
+    return box_truth_precision_per_class(d.box_pseudo, d.truth, d.table.box_classes, iou_thr=d.cfg.detector.metric_iou)
 
 
 def box_stats(d: CycleData, target: float, truth: dict[str, float]) -> list[dict]:
@@ -124,20 +109,6 @@ def box_stats(d: CycleData, target: float, truth: dict[str, float]) -> list[dict
     return rows
 
 
-def truth_precision_per_class(d: CycleData) -> dict[str, float | None]:
+def truth_precision_per_class(d: CycleData) -> dict[str, float]:
     """Per class, the share of kept pseudo labels that agree with the hidden truth (demo data)."""
-    if d.truth is None:
-        return {}
-    items = d.truth.items.set_index("image_id")
-    kept = d.selection[d.selection["kept"].astype(bool)]
-    kept = kept[kept["image_id"].map(lambda i: bool(items["has_study_label"].get(i, False)))]
-    if kept.empty:
-        return {}
-    y = d.truth.study_targets(kept["image_id"])
-    out = {}
-    for c, name in enumerate(d.classes):
-        mine = class_members(kept["label"], name, d.mode).to_numpy()
-        if mine.any():
-            right = y[mine].argmax(axis=1) == c if d.mode == "multiclass" else y[mine, c] >= 0.5
-            out[name] = float(right.mean())
-    return out
+    return class_truth_precision_per_class(d.selection, d.truth, d.classes, d.mode)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .class_stats import box_thresholds_used, class_members
+from ..evaluation import class_members
+from .class_stats import box_thresholds_used
 from .figures import COLORS, Thumbs
 from .html import Report, esc, fmt, tile
 from .run_reader import CycleData

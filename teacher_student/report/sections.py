@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from ..layout import prob_columns
-from .class_stats import box_gt, class_members, labeled_oof, student_view, truth_precision_per_class
+from ..evaluation import class_members
+from .class_stats import box_gt, labeled_oof, student_view, truth_precision_per_class
 from .figures import COLORS, Thumbs, curves_figure, panels
 from .html import Report, esc, figure_html, fmt, html_table, tile
 from .run_reader import CycleData
