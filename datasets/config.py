@@ -43,6 +43,8 @@ class DataConfig:
     """Demo format only: labeled, unlabeled and held-out test images generated into root."""
     demo_image_size: int = 256
     """Demo format only: pixel size of the generated DICOMs."""
+    demo_seed: int = 0
+    """Demo format only: seed of the generated dataset (bench_gain varies it with run.seed)."""
     on_bad_input: Literal["quarantine", "error"] = "quarantine"
     """quarantine: bad rows are set aside and reported; error: the first bad row stops the run."""
 

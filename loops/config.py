@@ -10,7 +10,7 @@ class TrainConfig:
     """Optimisation settings shared by the classifier (and the effdet detector)."""
 
     epochs: int = 10
-    """Training epochs (teachers; see student_epochs)."""
+    """Training epochs (of teachers; students and references get a multiple of their steps)."""
     batch_size: int = 32
     """Images per step."""
     lr: float = 1e-3

@@ -44,6 +44,8 @@ class FoldPlan:
     val_ids: tuple[str, ...]
     epochs: int
     payload: dict = field(default_factory=dict)
+    patience: int = 0
+    """Early stopping patience in epochs (0: the estimator's own setting)."""
 
 
 class FoldEstimator(Protocol):
@@ -69,7 +71,8 @@ def cross_fit(estimator: FoldEstimator, plans: Sequence[FoldPlan], *, folds: pd.
     """
     task_dir = Path(task_dir)
     for plan in plans:
-        fold_payload = {**payload, "fold": plan.fold, **plan.payload, "val": list(plan.val_ids), "epochs": plan.epochs}
+        fold_payload = {**payload, "fold": plan.fold, **plan.payload, "val": list(plan.val_ids), "epochs": plan.epochs,
+                        "patience": plan.patience}
         run_stage(task_dir / f"fold{plan.fold}", fold_payload, lambda d, p=plan: _fit(estimator, p, d))
     fold_dirs = {plan.fold: task_dir / f"fold{plan.fold}" for plan in plans}
     pred_payload = {**payload, "models": file_digest(*fold_dirs.values()), "pool": list(pool_ids)}

@@ -36,10 +36,11 @@ class ClassifierConfig:
     """Empty: random init. 'timm' downloads timm's weights; a path loads a local state dict."""
     loss: Literal["auto", "softmax", "bce"] = "auto"
     """auto: softmax cross-entropy for multiclass labels, BCE for multilabel."""
-    student_epochs: int = 0
-    """Epochs of students (generation >= 1) and of the oracle. 0: as many optimizer steps as the
-    teacher (train.epochs scaled by teacher images / student images), so a student is not
-    undertrained because pseudo labels made its epochs longer, nor the run slower per generation."""
+    student_steps: float = 1.0
+    """Optimizer steps of students (generation >= 1) and of the ablation, as a multiple of the
+    teacher's (train.epochs over the teacher's images). Noisy Student trains its students longer:
+    pseudo labels add images, and a student that sees each of them less often than the teacher saw
+    its labels stays undertrained (measured on the demo: at 1x the pseudo labels gave nothing)."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -73,6 +74,14 @@ class PseudoConfig:
     """Images per class after balancing; 0: the median of the kept per-class counts."""
     weight: float = 1.0
     """Loss weight of pseudo-labeled images relative to labeled ones."""
+    min_oof_support: int = 10
+    """A class threshold read from fewer OOF predictions than this is weak evidence: the class is
+    flagged (log, summary, report) and treated as starving."""
+    fallback: Literal["top_k", "none"] = "top_k"
+    """A starving class (keeps nothing, or weak evidence): top_k keeps its fallback_k most confident
+    pool images instead (Noisy Student's rule), flagged as such; none: it keeps nothing (flagged)."""
+    fallback_k: int = 0
+    """Images a starving class keeps with fallback top_k; 0: the median kept count of the others."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +95,10 @@ class DetectorConfig:
     img_size: int = 512
     """Detector input size (YOLO: multiple of 32; effdet: multiple of 128)."""
     epochs: int = 20
-    """Detector training epochs (teachers; see student_epochs)."""
-    student_epochs: int = 0
-    """As classifier.student_epochs: epochs of generation >= 1 detectors and the oracle; 0: the
-    teacher's number of optimizer steps."""
+    """Detector training epochs (teachers; see student_steps)."""
+    student_steps: float = 1.0
+    """As classifier.student_steps: optimizer steps of detector students and the ablation as a
+    multiple of the teacher's."""
     batch_size: int = 16
     """Images per detector step."""
     lr: float = 1e-3
@@ -108,6 +117,13 @@ class DetectorConfig:
     """Per-class pseudo-box score threshold: the lowest that reaches this precision on OOF."""
     negative_max_p_abnormal: float = 0.2
     """An unlabeled image with no kept box and P(abnormal) below this becomes a negative."""
+    min_oof_support: int = 10
+    """A box class whose threshold is read from fewer OOF boxes than this is weak evidence (flagged,
+    treated as starving)."""
+    fallback: Literal["top_k", "none"] = "top_k"
+    """A starving box class: top_k keeps its fallback_k highest-scoring pool boxes (flagged); none: none."""
+    fallback_k: int = 0
+    """Boxes a starving class keeps with fallback top_k; 0: the median kept count of the other classes."""
     randaugment_n: tuple[int, ...] = (0, 2, 2, 3)
     """Box-safe RandAugment ops per generation (0: light teacher augmentation)."""
     randaugment_m: tuple[int, ...] = (0, 6, 9, 12)
@@ -143,9 +159,19 @@ class RunConfig:
     """Global seed; the same seed gives the same pseudo labels and summary."""
     workers: int = 2
     """Processes for building the preprocessing cache."""
+    ablation: bool = True
+    """Also train the ablation: the last student's exact recipe (model, noise, optimizer steps,
+    folds) on the labeled images only. ``student - ablation`` is what the pseudo labels gave."""
     oracle: bool = True
-    """Also train a supervised reference on all labels (labeled + unlabeled ground truth), when the
-    dataset has hidden truth for its unlabeled pool (the demo does)."""
+    """Also train the oracle: the last student's recipe on every label (labeled + the pool's hidden
+    truth), with its own step budget and early stopping, when the dataset has hidden truth (the demo
+    does): the ceiling ``gap_closed`` is read against."""
+    oracle_steps: float = 3.0
+    """The oracle's optimizer-step budget as a multiple of the teacher's; keep it at least the
+    students' (it sees several times the images: with the teacher's steps it would be a
+    same-compute peer, not a ceiling)."""
+    oracle_patience: int = 5
+    """Early stopping of the oracle: epochs without a better validation score (its fold's labeled images)."""
     cache_dir: str = ""
     """Preprocessing cache; empty: <out>/cache. Share one between runs to decode each image once."""
 
@@ -163,14 +189,11 @@ class EngineConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def matched_epochs(teacher_epochs: int, teacher_images: int, images: int, fixed: int = 0) -> int:
-    """Epochs giving a model trained on ``images`` the teacher's number of optimizer steps
-    (``fixed`` > 0 overrides). Why steps: Noisy Student trains students at least as long as
-    teachers; matching epochs instead would shortchange nobody but slow every generation by the
-    ratio of pseudo-labeled to labeled images."""
-    if fixed > 0:
-        return fixed
-    return max(1, round(teacher_epochs * teacher_images / max(images, 1)))
+def matched_epochs(teacher_epochs: int, teacher_images: int, images: int, steps_factor: float = 1.0) -> int:
+    """Epochs giving a model trained on ``images`` ``steps_factor`` times the teacher's optimizer
+    steps. Why steps, not epochs: pseudo labels multiply a student's images; matching epochs would
+    slow every generation by that ratio, matching steps keeps each generation's cost a choice."""
+    return max(1, round(teacher_epochs * steps_factor * teacher_images / max(images, 1)))
 
 
 def ladder_value(values: tuple, generation: int):

@@ -52,6 +52,9 @@ HISTORY = "history.json"
 OOF = "oof.csv"
 POOL = "pool.csv"
 POOL_FOLDS = "pool_folds.csv"
+LABELED_FOLDS = "labeled_folds.csv"
+"""Every fold model on every labeled image: OOF for its own fold, in-sample for the others (the
+soft targets a student fold blends in come from its own teacher fold, which never saw its fold)."""
 OOF_BOXES = "oof_boxes.csv"
 POOL_RAW = "pool_raw.csv"
 POOL_FUSED = "pool_fused.csv"
@@ -66,6 +69,10 @@ GATE = "gate.json"
 CLASS_PREDICTIONS = "class_predictions.csv"
 BOX_PREDICTIONS = "box_predictions_{}.csv"
 SUBMISSION = "submission_{}.csv"
+PSEUDO_FOLD = "fold{}"
+"""Inside a cycle's pseudo folder: the pseudo labels student fold k trains on (made by teacher
+fold k alone, thresholds from the other folds' OOF predictions); the folder itself holds the whole
+ensemble's selection, which the report and the exports show."""
 REPORT = "report.html"
 REPORT_JSON = "report.json"
 
@@ -137,6 +144,9 @@ class RunLayout:
     def pseudo(self, cycle: int) -> Path:
         return self.cycle(cycle) / "pseudo"
 
+    def pseudo_fold(self, cycle: int, fold: int) -> Path:
+        return pseudo_fold_dir(self.pseudo(cycle), fold)
+
     def report(self, cycle: int) -> Path:
         return self.cycle(cycle) / REPORT
 
@@ -151,3 +161,14 @@ class RunLayout:
 
     def is_run(self) -> bool:
         return (self.data / TABLE_META).exists()
+
+
+def pseudo_fold_dir(pseudo_dir: Path, fold: int) -> Path:
+    """Fold k's pseudo labels inside a pseudo folder (the stage's temporary one or the final one)."""
+    return Path(pseudo_dir) / PSEUDO_FOLD.format(fold)
+
+
+def fold_of_model(name: str) -> int | None:
+    """The fold of a model tag ("f1", "f1/hflip"): how provenance columns name fold models."""
+    m = re.match(r"f(\d+)(/|$)", str(name))
+    return int(m.group(1)) if m else None

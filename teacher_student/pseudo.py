@@ -175,6 +175,64 @@ def select_pseudo(
     )
 
 
+def threshold_support(oof_probs: np.ndarray, *, mode: LabelMode) -> np.ndarray:
+    """How many OOF predictions each class's threshold is read from (see :func:`class_thresholds`):
+    multiclass, the images predicted as the class; multilabel, every image."""
+    probs = _check_probs(oof_probs, "oof_probs")
+    if mode == "multiclass":
+        return np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]) if len(probs) else np.zeros(probs.shape[1], int)
+    return np.full(probs.shape[1], len(probs))
+
+
+def starving_classes(selection: pd.DataFrame, support: np.ndarray, *, num_classes: int,
+                     min_support: int) -> dict[int, str]:
+    """Classes the student would learn nothing about, or only on weak evidence: class -> why.
+
+    A class starves when it keeps no pseudo label, or when its threshold rests on fewer than
+    ``min_support`` OOF predictions (a precision read off a handful of images means nothing: a
+    threshold chosen on one OOF image keeps everything or nothing by chance).
+    """
+    kept = selection.loc[selection["kept"].astype(bool), "class_index"].to_numpy(int)
+    counts = np.bincount(kept, minlength=num_classes)
+    out = {}
+    for c in range(num_classes):
+        if support[c] < min_support:
+            out[c] = f"threshold rests on {int(support[c])} OOF prediction(s) (< {min_support})"
+        elif counts[c] == 0:
+            out[c] = "no pool image reaches its threshold"
+    return out
+
+
+def top_k_fallback(selection: pd.DataFrame, classes: Sequence[int], *, k: int) -> pd.DataFrame:
+    """Noisy Student's rule for a starving class: keep its ``k`` most confident pool images.
+
+    Only images predicted as the class (``class_index``) are candidates, so no image changes its
+    label. Returns the selection with a ``rule`` column: "threshold" (or "confidence") for rows
+    decided by the threshold, "top_k" for the rows this fallback decided.
+    """
+    out = selection.copy()
+    if "rule" not in out.columns:
+        out["rule"] = np.where(out["kept"].astype(bool), "threshold", "")
+    for c in classes:
+        mine = out[out["class_index"] == c].sort_values(["confidence", "image_id"], ascending=[False, True])
+        chosen = mine.index[: max(0, int(k))]
+        out.loc[mine.index, "kept"] = False
+        out.loc[mine.index, "rule"] = ""
+        out.loc[chosen, "kept"] = True
+        out.loc[chosen, "rule"] = "top_k"
+    return out
+
+
+def fallback_size(selection: pd.DataFrame, starving: Sequence[int], *, fixed: int = 0) -> int:
+    """How many images a starving class gets: ``fixed`` if > 0, else the median kept count of the
+    classes that are not starving (at least 1) -- what balancing would bring them to anyway."""
+    if fixed > 0:
+        return int(fixed)
+    kept = selection[selection["kept"].astype(bool) & ~selection["class_index"].isin(list(starving))]
+    counts = kept.groupby("class_index").size()
+    return max(1, int(np.median(counts.to_numpy()))) if len(counts) else 1
+
+
 def balance_classes(selection: pd.DataFrame, *, per_class: int = 0, seed: int = 0) -> pd.DataFrame:
     """Noisy-Student class balancing of the kept pseudo labels.
 
@@ -224,6 +282,31 @@ def box_thresholds(matched: pd.DataFrame, *, num_classes: int, target_precision:
         if 0 <= int(c) < num_classes:
             out[int(c)] = precision_threshold(group["score"].to_numpy(), group["true_positive"].to_numpy(bool),
                                               target_precision=target_precision)
+    return out
+
+
+def box_starving_classes(matched: pd.DataFrame, kept: pd.DataFrame, *, num_classes: int,
+                         min_support: int) -> dict[int, str]:
+    """Box classes the student would learn nothing about, or only on weak evidence: class -> why
+    (no kept pseudo box, or a threshold read from fewer than ``min_support`` OOF boxes)."""
+    support = np.bincount(matched["class_id"].to_numpy(int), minlength=num_classes) if len(matched) else np.zeros(num_classes, int)
+    counts = np.bincount(kept["class_id"].to_numpy(int), minlength=num_classes) if len(kept) else np.zeros(num_classes, int)
+    out = {}
+    for c in range(num_classes):
+        if support[c] < min_support:
+            out[c] = f"threshold rests on {int(support[c])} OOF box(es) (< {min_support})"
+        elif counts[c] == 0:
+            out[c] = "no pool box reaches its threshold"
+    return out
+
+
+def top_k_box_thresholds(fused: pd.DataFrame, thresholds: np.ndarray, classes: Sequence[int], *, k: int) -> np.ndarray:
+    """Thresholds that keep the ``k`` highest-scoring pool boxes of each listed class (the box
+    form of Noisy Student's top-K rule for a starving class); +inf where the class has no box."""
+    out = np.asarray(thresholds, dtype=np.float64).copy()
+    for c in classes:
+        scores = np.sort(fused.loc[fused["class_id"].to_numpy(int) == c, "score"].to_numpy(np.float64))[::-1]
+        out[c] = scores[min(k, len(scores)) - 1] if len(scores) and k > 0 else np.inf
     return out
 
 

@@ -16,32 +16,55 @@ def dig(d: dict | None, *keys):
 
 
 def format_summary(summary: dict) -> str:
-    """One row per generation: classifier AUC/accuracy (OOF, test), detector mAP (OOF, test),
-    pseudo labels the generation trained on and their precision against hidden truth."""
-    head = (f"{'gen':>3} {'classifier':<18} {'AUC oof':>8} {'AUC test':>8} {'acc test':>8} "
+    """One row per generation and per reference model: classifier AUC/accuracy (OOF, test),
+    detector mAP (OOF, test), the pseudo labels the generation's folds trained on and their
+    precision against hidden truth; then the gains against the named baselines."""
+    head = (f"{'gen':>4} {'classifier':<18} {'AUC oof':>8} {'AUC test':>8} {'acc test':>8} "
             f"{'detector':<16} {'mAP oof':>8} {'mAP test':>8} {'pseudo':>7} {'prec':>6} {'boxes':>6} {'bprec':>6}")
     lines = [head, "-" * len(head)]
     pseudo = {c["cycle"]: c.get("pseudo", {}) for c in summary.get("cycles", [])}
     for g in summary.get("generations", []):
-        c, d, p = g.get("classifier") or {}, g.get("detector") or {}, pseudo.get(g["generation"], {})
-        lines.append(
-            f"{g['generation']:>3} {str(g.get('model', '')):<18} {_fmt(dig(c, 'oof', 'auc_macro')):>8} "
-            f"{_fmt(dig(c, 'test', 'auc_macro')):>8} {_fmt(dig(c, 'test', 'accuracy')):>8} "
-            f"{str(g.get('detector_model', '-')):<16} {_fmt(dig(d, 'oof', 'map')):>8} {_fmt(dig(d, 'test', 'map')):>8} "
-            f"{str(dig(p, 'classifier', 'after_balance') or '-'):>7} {_fmt(dig(p, 'classifier', 'precision'), 2):>6} "
-            f"{str(dig(p, 'detector', 'boxes') or '-'):>6} {_fmt(dig(p, 'detector', 'precision'), 2):>6}")
-    oracle = summary.get("oracle")
-    if oracle:
-        lines.append(f"{'orc':>3} {str(oracle.get('model', '')):<18} {'':>8} "
-                     f"{_fmt(dig(oracle, 'classifier', 'test', 'auc_macro')):>8} "
-                     f"{_fmt(dig(oracle, 'classifier', 'test', 'accuracy')):>8} {'':<16} {'':>8} "
-                     f"{_fmt(dig(oracle, 'detector', 'test', 'map')):>8}   (supervised on all labels)")
-    gap = summary.get("gap_closed")
-    if gap:
-        lines.append("gap closed by the last student (test): " + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in gap.items()))
+        p = pseudo.get(g["generation"], {})
+        trained = (dig(p, "classifier", "students", "total"), dig(p, "classifier", "students", "precision"),
+                   dig(p, "detector", "students", "total"), dig(p, "detector", "students", "precision"))
+        lines.append(_row(str(g["generation"]), g.get("model"), g.get("detector_model"), g, trained))
+    for tag, key, note in (("abl", "ablation", "student recipe, labeled only"),
+                           ("orc", "oracle", "student recipe, every label, longer")):
+        ref = summary.get(key)
+        if ref:
+            lines.append(_row(tag, ref.get("classifier_model"), ref.get("detector_model"), ref, None) + f"  ({note})")
+    lines += gain_lines(summary.get("gains") or {})
     gate = summary.get("gate")
     if gate:
         lines.append(f"gate ({gate.get('mode')}, low {_fmt(gate.get('low'), 2)}, high {_fmt(gate.get('high'), 2)}): "
                      f"test mAP with 'No finding' {_fmt(dig(gate, 'test', 'ungated'))} -> {_fmt(dig(gate, 'test', 'gated'))}")
     lines.append(f"wall time {summary.get('wall_seconds', 0):.0f} s")
     return "\n".join(lines)
+
+
+def _row(tag: str, model, det_model, rec: dict, trained: tuple | None) -> str:
+    c, d = rec.get("classifier") or {}, rec.get("detector") or {}
+    n_cls, p_cls, n_box, p_box = trained or (None, None, None, None)
+    return (f"{tag:>4} {str(model or ''):<18} {_fmt(dig(c, 'oof', 'auc_macro')):>8} {_fmt(dig(c, 'test', 'auc_macro')):>8} "
+            f"{_fmt(dig(c, 'test', 'accuracy')):>8} {str(det_model or '-'):<16} {_fmt(dig(d, 'oof', 'map')):>8} "
+            f"{_fmt(dig(d, 'test', 'map')):>8} {str(n_cls if n_cls is not None else '-'):>7} {_fmt(p_cls, 2):>6} "
+            f"{str(n_box if n_box is not None else '-'):>6} {_fmt(p_box, 2):>6}")
+
+
+def gain_lines(gains: dict) -> list[str]:
+    """The last student against its baselines on the held-out test part, one line per metric."""
+    out = []
+    for key, label in (("classifier_auc", "classifier AUC"), ("detector_map", "detector mAP")):
+        g = gains.get(key)
+        if not g:
+            continue
+        gap = g.get("gap_closed")
+        gap_text = _fmt(gap, 2) if isinstance(gap, (int, float)) else str(gap)
+        out.append(f"{label} (test): student - ablation {_signed(g.get('student_minus_ablation'))} "
+                   f"(the pseudo labels), student - teacher {_signed(g.get('student_minus_teacher'))}, "
+                   f"gap closed {gap_text}")
+    return out
+
+
+def _signed(value) -> str:
+    return "-" if value is None else f"{value:+.3f}"

@@ -59,7 +59,8 @@ def make_demo(cfg: EngineConfig, root: Path) -> None:
     if len(cfg.data.demo_counts) != 3:
         raise DataError("data.demo_counts: give three numbers: labeled, unlabeled, test")
     labeled, unlabeled, test = cfg.data.demo_counts
-    make_demo_dataset(root, n_labeled=labeled, n_unlabeled=unlabeled, n_test=test, size=cfg.data.demo_image_size)
+    make_demo_dataset(root, seed=cfg.data.demo_seed, n_labeled=labeled, n_unlabeled=unlabeled, n_test=test,
+                      size=cfg.data.demo_image_size)
 
 
 def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:

@@ -15,7 +15,8 @@ from ..tasks.base import Task
 
 
 def train_generation(ctx: RunContext, task: Task, gen: int, pseudo_dir: Path | None, teacher: Path | None, *,
-                     task_dir: Path | None = None, extra_ids: Sequence[str] = ()) -> Path:
+                     task_dir: Path | None = None, extra_ids: Sequence[str] = (), steps_factor: float = 1.0,
+                     patience: int = 0) -> Path:
     """Train (or reuse) generation ``gen`` of ``task`` and predict; return its predictions dir.
 
     Args:
@@ -23,8 +24,10 @@ def train_generation(ctx: RunContext, task: Task, gen: int, pseudo_dir: Path | N
         teacher: the previous generation's predictions of this task (its OOF soft labels).
         task_dir: where the fold models go (default: the generation's folder); references use their own.
         extra_ids: images added to every fold's training set (the oracle adds the pool's truth).
+        steps_factor: optimizer steps as a multiple of the teacher's (the oracle's larger budget).
+        patience: early stopping on the fold's validation images (0: the recipe's own setting).
     """
-    plans = task.fold_plans(gen, pseudo_dir, teacher, extra_ids)
-    return cross_fit(task, plans, folds=ctx.folds, oof_ids=task.labeled_ids(), pool_ids=task.pool_ids(),
+    plans = task.fold_plans(gen, pseudo_dir, teacher, extra_ids, steps_factor=steps_factor, patience=patience)
+    return cross_fit(task, plans, folds=ctx.folds, oof_ids=task.labeled_ids(), pool_ids=task.every_fold_ids(),
                      task_dir=task_dir or ctx.layout.task(gen, task.name), run_stage=ctx.stage,
                      payload=task.payload(gen))

@@ -1,8 +1,14 @@
-"""Reference models that say what a student's score means (runs whose pool has hidden truth).
+"""Reference models that say what a student's score means.
 
-The oracle is the cycle-0 recipe trained on every label -- the labeled part plus the pool's hidden
-truth -- so "gap closed" can be read against it. It trains in its own folders (``oracle/<task>``)
-and is scored on the same held-out test part as every generation.
+Both are the last student's recipe -- model, noise, folds -- trained in their own folders and
+scored like every generation (OOF and the held-out test part):
+
+- the **ablation** trains on the labeled images only, for the student's number of optimizer steps:
+  ``student - ablation`` is what the pseudo labels gave, the bigger model and the noise being the
+  same on both sides;
+- the **oracle** trains on every label (the labeled part plus the pool's hidden truth, runs that
+  have it) for a larger step budget (``run.oracle_steps``) with early stopping on its validation
+  fold: a ceiling, against which ``gap_closed = (student - teacher) / (oracle - teacher)`` is read.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from ..tasks.classifier import ClassifierTask
 from ..tasks.detector import DetectorTask
 from .generation import train_generation
 
-ORACLE = "oracle"
+ORACLE, ABLATION = "oracle", "ablation"
+GAINS = (("classifier_auc", ("classifier", "test", "auc_macro")), ("detector_map", ("detector", "test", "map")))
 
 
 def truth_table(ctx: RunContext) -> ItemTable:
@@ -33,33 +40,58 @@ def truth_table(ctx: RunContext) -> ItemTable:
     return ctx.table.replace(items=items, boxes=boxes)
 
 
-def oracle(ctx: RunContext, with_detector: bool) -> dict | None:
-    """The cycle-0 recipe trained on every label: the ceiling "gap closed" is read against."""
+def ablation(ctx: RunContext, tasks: list, gen: int) -> dict | None:
+    """Generation ``gen``'s recipe on the labeled images only (no pseudo labels, no soft targets)."""
+    if not ctx.cfg.run.ablation or gen < 1:
+        return None
+    out: dict = {"generation": gen}
+    for task in tasks:
+        pred = train_generation(ctx, task, gen, None, None, task_dir=ctx.layout.reference(ABLATION, task.name))
+        out[task.name] = task.score(pred)
+        out[f"{task.name}_model"] = task.model_name(gen)
+    return out
+
+
+def oracle(ctx: RunContext, tasks: list, gen: int) -> dict | None:
+    """Generation ``gen``'s recipe on every label, trained towards convergence: the ceiling."""
     if ctx.truth is None or not ctx.cfg.run.oracle:
         return None
     table = truth_table(ctx)
     pool = table.items["role"].eq("unlabeled")
-    classifier = ClassifierTask(ctx, table)
-    extra = tuple(table.items.loc[pool & table.items["has_study_label"], "image_id"])
-    pred = train_generation(ctx, classifier, 0, None, None, task_dir=ctx.layout.reference(ORACLE, classifier.name),
-                            extra_ids=extra)
-    out = {"model": ctx.cfg.classifier.ladder[0], "classifier": classifier.score(pred)}
-    if with_detector:
-        detector = DetectorTask(ctx, table)
-        boxed = tuple(table.items.loc[pool & table.items["box_labeled"], "image_id"])
-        pred = train_generation(ctx, detector, 0, None, None, task_dir=ctx.layout.reference(ORACLE, detector.name),
-                                extra_ids=boxed)
-        out["detector"] = detector.score(pred)
+    run = ctx.cfg.run
+    out: dict = {"generation": gen, "steps_factor": run.oracle_steps, "patience": run.oracle_patience}
+    for task in tasks:
+        reference = type(task)(ctx, table)
+        flag = "has_study_label" if task.name == ClassifierTask.name else "box_labeled"
+        extra = tuple(table.items.loc[pool & table.items[flag], "image_id"])
+        pred = train_generation(ctx, reference, gen, None, None, task_dir=ctx.layout.reference(ORACLE, task.name),
+                                extra_ids=extra, steps_factor=run.oracle_steps, patience=run.oracle_patience)
+        out[task.name] = reference.score(pred)
+        out[f"{task.name}_model"] = task.model_name(gen)
     return out
 
 
-def gap_closed(gens: list[dict], oracle_rec: dict | None) -> dict:
-    """(last student - teacher) / (oracle - teacher) on the held-out test part."""
-    if not oracle_rec or len(gens) < 2:
+def gains(gens: list[dict], ablation_rec: dict | None, oracle_rec: dict | None) -> dict:
+    """Per metric (held-out test): teacher, student, ablation, oracle, ``student - ablation``,
+    ``student - teacher`` and ``gap_closed``, which is "undefined" (with the reason) whenever the
+    oracle does not beat the teacher -- a ratio over a non-positive gap means nothing."""
+    if len(gens) < 2:
         return {}
     out = {}
-    for key, path in (("classifier_auc", ("classifier", "test", "auc_macro")), ("detector_map", ("detector", "test", "map"))):
-        vals = [dig(gens[0], *path), dig(gens[-1], *path), dig(oracle_rec, *path)]
-        if None not in vals and abs(vals[2] - vals[0]) > 1e-9:
-            out[key] = (vals[1] - vals[0]) / (vals[2] - vals[0])
+    for key, path in GAINS:
+        teacher, student = dig(gens[0], *path), dig(gens[-1], *path)
+        if teacher is None or student is None:
+            continue
+        abl, orc = dig(ablation_rec, *path), dig(oracle_rec, *path)
+        rec = {"teacher": teacher, "student": student, "ablation": abl, "oracle": orc,
+               "student_minus_teacher": student - teacher,
+               "student_minus_ablation": None if abl is None else student - abl}
+        if orc is None:
+            rec["gap_closed"] = "undefined: no oracle (the pool has no hidden truth, or run.oracle is off)"
+        elif orc - teacher <= 1e-9:
+            rec["gap_closed"] = (f"undefined: the oracle ({orc:.3f}) does not beat the teacher ({teacher:.3f}), "
+                                 "so there is no gap to close")
+        else:
+            rec["gap_closed"] = (student - teacher) / (orc - teacher)
+        out[key] = rec
     return out

@@ -23,7 +23,7 @@ from ..tasks.detector import DetectorTask
 from .data_stage import prepare
 from .final_stage import final_stage
 from .generation import train_generation
-from .references import gap_closed, oracle
+from .references import ablation, gains, oracle
 from .selection import select_stage
 
 log = logging.getLogger("cxr.cycle")
@@ -49,8 +49,10 @@ def run_cycles(cfg: EngineConfig) -> dict:
                "gate": config_to_dict(cfg.gate)}
     final = ctx.stage(ctx.layout.final, payload,
                       lambda d: final_stage(ctx, det, preds[CLASSIFIER], preds.get(DETECTOR), d))
-    oracle_rec = oracle(ctx, det is not None)
-    summary = {"generations": gens, "cycles": cycles, "oracle": oracle_rec, "gap_closed": gap_closed(gens, oracle_rec),
+    last = cfg.run.cycles
+    ablation_rec, oracle_rec = ablation(ctx, tasks, last), oracle(ctx, tasks, last)
+    summary = {"generations": gens, "cycles": cycles, "ablation": ablation_rec, "oracle": oracle_rec,
+               "gains": gains(gens, ablation_rec, oracle_rec),
                "gate": final["result"] or None, "data": read_json(ctx.layout.marker(ctx.layout.data))["result"],
                "stages": [{k: r[k] for k in ("path", "seconds", "skipped")} for r in ctx.records],
                "wall_seconds": round(time.perf_counter() - started, 1)}

@@ -102,8 +102,11 @@ class Detector(abc.ABC):
         seed: int = 0,
         log: LogFn | None = None,
         run_name: str | None = None,
+        patience: int = 0,
     ) -> dict:
         """Train on ``train_ids`` (boxes from ``boxes_df``; an image without rows is a negative).
+
+        ``patience`` > 0 stops after that many epochs without a better validation score (0: never).
 
         ``run_name`` (e.g. "detector gen 1 fold 2") names the run in training errors.
         Returns a summary dict (epochs run, best epoch, last metrics). Writes only under ``workdir``.

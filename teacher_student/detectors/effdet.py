@@ -51,7 +51,7 @@ class EffdetDetector(Detector):
 
     def fit(self, train_ids, val_ids, boxes_df, load, workdir, *, epochs, batch_size, lr, img_size=None,
             randaugment_n=0, randaugment_m=0, hflip=True, device="cpu", seed=0, log=None, run_name=None,
-            transform=None) -> dict:
+            patience=0, transform=None) -> dict:
         """As ``Detector.fit``; ``transform`` overrides the default ``detection_transform(size, n, m)``."""
         from ...augment.transforms import detection_transform
         from ...datasets.det_data import DetectionDataset
@@ -70,7 +70,7 @@ class EffdetDetector(Detector):
         train_ds, val_ds = make(train_ids, transform), make(val_ids, None) if len(val_ids) else None
         bench = self._create("train").to(dev)
         trainer = EffdetTrainer(bench, train_ds, val_ds, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-                                device=dev, seed=int(seed), log=log or logger.info, name=run_name)
+                                device=dev, seed=int(seed), log=log or logger.info, name=run_name, patience=patience)
         trainer.train()
         self.history = trainer.history
         self._weights = cpu_state(bench.model)  # the best epoch's, which train() put back
@@ -119,14 +119,16 @@ class EffdetTrainer(Trainer):
     """effdet's side of the loop: the bench's own loss dict, AdamW + cosine, the lowest loss kept."""
 
     def __init__(self, bench: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | None, *, epochs: int,
-                 batch_size: int, lr: float, device: torch.device, seed: int, log: LogFn, name: str | None = None):
+                 batch_size: int, lr: float, device: torch.device, seed: int, log: LogFn, name: str | None = None,
+                 patience: int = 0):
         drop_last = len(train_ds) % batch_size == 1  # a batch of one breaks batch norm on 1x1 maps
         loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=drop_last,
                             generator=torch.Generator().manual_seed(seed))
         steps = max(1, epochs * len(loader))
         optimizer = torch.optim.AdamW(bench.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps=0, total_steps=steps))
-        super().__init__(bench, loader, optimizer, scheduler, epochs=epochs, device=device, grad_clip=GRAD_CLIP, name=name)
+        super().__init__(bench, loader, optimizer, scheduler, epochs=epochs, device=device, grad_clip=GRAD_CLIP, name=name,
+                         patience=patience)
         self.val_ds, self.batch_size, self.log = val_ds, batch_size, log
 
     def forward(self, batch) -> tuple[dict[str, torch.Tensor], int]:

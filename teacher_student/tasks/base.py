@@ -9,21 +9,51 @@ selection and scoring stages call the same methods on each.
 from __future__ import annotations
 
 import abc
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ...datasets.errors import DataError
 from ...datasets.table import ItemTable
 from ...loops.crossfit import FoldPlan
 from ..context import RunContext
+from ..fusion import MODEL_SEPARATOR
+from ..layout import fold_of_model
+
+log = logging.getLogger("cxr.cycle")
 
 
 def fold_seed(run_seed: int, gen: int, fold: int) -> int:
     """The seed of one fold model: distinct per run seed, generation and fold, and stable."""
     return run_seed * 1000 + gen * 10 + fold
+
+
+def of_fold(table: pd.DataFrame | None, fold: int) -> pd.DataFrame | None:
+    """The rows one fold model made (a per-fold prediction table's ``fold`` column), without it."""
+    if table is None:
+        return None
+    return table[table["fold"] == fold].drop(columns="fold")
+
+
+def assert_fold_lineage(fold: int, models: Iterable[str], threshold_folds: Iterable[int], *, where: Path) -> None:
+    """Student fold k may learn only from teacher fold k: every pseudo label it reads must come from
+    fold-k models, and the thresholds that chose them from OOF predictions of the other folds.
+
+    Raises:
+        DataError: naming the first model or fold that would carry fold k's labels into it.
+    """
+    for tags in set(map(str, models)):
+        for tag in tags.split(MODEL_SEPARATOR):
+            if fold_of_model(tag) != fold:
+                raise DataError(f"{where}: pseudo labels for student fold {fold} come from model {tag!r}, which saw "
+                                f"fold {fold}'s labels (leak)")
+    if fold in set(int(f) for f in threshold_folds):
+        raise DataError(f"{where}: thresholds for student fold {fold} were chosen on fold {fold}'s own OOF "
+                        "predictions (leak)")
 
 
 def seed_everything(seed: int) -> None:
@@ -48,7 +78,11 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def pool_ids(self) -> list[str]:
-        """Images every fold model predicts (the unlabeled pool, the test part...)."""
+        """The images a generation's ensemble predicts (the unlabeled pool, the test part...)."""
+
+    def every_fold_ids(self) -> list[str]:
+        """Images every fold model predicts: the pool, plus what the task needs per fold model."""
+        return self.pool_ids()
 
     # ------------------------------------------------------------------ training
     @abc.abstractmethod
@@ -79,5 +113,44 @@ class Task(abc.ABC):
     def score(self, pred_dir: Path) -> dict:
         """Metrics of a generation's predictions: OOF, held-out test, and the pool's hidden truth."""
 
+    @abc.abstractmethod
     def model_name(self, gen: int) -> str:
-        raise NotImplementedError
+        """The ladder's model of a generation."""
+
+    @abc.abstractmethod
+    def student_steps(self) -> float:
+        """Students' optimizer steps as a multiple of the teacher's (this task's config)."""
+
+    def steps_factor(self, gen: int, given: float | None = None) -> float:
+        """Steps of a fold model as a multiple of the teacher's: ``given`` (the oracle's budget), else
+        1 for the teacher and the task's student_steps for students and the ablation."""
+        if given is not None:
+            return float(given)
+        return 1.0 if gen == 0 else float(self.student_steps())
+
+
+def warn_starving(task: str, models: Sequence[str], info: dict) -> None:
+    """One log line per starving class: the student would otherwise learn nothing of it, silently."""
+    for name, why in info.get("starving", {}).items():
+        fallback = info.get("fallback", {}).get(name)
+        remedy = f"fallback: its {fallback} most confident kept (top_k)" if fallback is not None else "it keeps nothing"
+        log.warning("%s pseudo labels from %s: class %r starves (%s); %s", task, "+".join(models), name, why, remedy)
+
+
+def student_totals(fold_infos: list[dict], count_key: str = "kept_per_class") -> dict:
+    """What the students of a cycle trained on, summed over their folds' own selections: counts
+    per class, the starving classes (with the folds they starve in) and the precision against
+    hidden truth weighted by each fold's count."""
+    per_class: dict[str, int] = {}
+    starving: dict[str, list[str]] = {}
+    weighted, total = 0.0, 0
+    for fold, info in enumerate(fold_infos):
+        for name, n in (info.get(count_key) or {}).items():
+            per_class[name] = per_class.get(name, 0) + int(n)
+        for name, why in (info.get("starving") or {}).items():
+            starving.setdefault(name, []).append(f"fold {fold}: {why}")
+        n = sum((info.get(count_key) or {}).values())
+        if info.get("precision") is not None and n:
+            weighted, total = weighted + info["precision"] * n, total + n
+    return {count_key: per_class, "total": int(sum(per_class.values())), "starving": starving,
+            "precision": weighted / total if total else None}

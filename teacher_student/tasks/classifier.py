@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ...augment.transforms import student_transform, teacher_transform
-from ...datasets.atomic import read_table, write_json, write_table
+from ...datasets.atomic import read_json, read_table, write_json, write_table
 from ...datasets.config import config_to_dict, fingerprint
 from ...datasets.table import ItemTable
 from ...datasets.torch_data import ClassificationDataset
@@ -29,11 +29,13 @@ from ...loops.predict import predict_probs
 from ...loops.train import fit
 from .. import pseudo
 from ..config import ladder_value, matched_epochs
-from ..evaluation import class_truth_precision
-from ..layout import (CHECKPOINT, CLASS_PSEUDO, CLASS_PSEUDO_INFO, CLASS_SELECTION, CLASSIFIER, HISTORY, OOF, POOL,
-                      POOL_FOLDS, prob_columns)
+from ..evaluation import class_truth_precision, class_truth_precision_per_class
+from ..fusion import MODEL_SEPARATOR
+from ..layout import (CHECKPOINT, CLASS_PSEUDO, CLASS_PSEUDO_INFO, CLASS_SELECTION, CLASSIFIER, HISTORY, LABELED_FOLDS,
+                      OOF, POOL, POOL_FOLDS, fold_of_model, prob_columns, pseudo_fold_dir)
 from ..models import create_classifier, load_classifier
-from .base import Task, fold_seed, seed_everything
+from .base import (Task, assert_fold_lineage, fold_seed, of_fold, seed_everything, student_totals,
+                   warn_starving)
 
 log = logging.getLogger("cxr.cycle")
 
@@ -61,6 +63,11 @@ class ClassifierTask(Task):
     def pool_ids(self) -> list[str]:
         return self.ctx.ids("unlabeled", "test")
 
+    def every_fold_ids(self) -> list[str]:
+        """The pool and the labeled images: a student fold blends its targets with its own teacher
+        fold's predictions of them (``labeled_folds.csv``)."""
+        return self.pool_ids() + self.labeled_ids()
+
     @property
     def columns(self) -> list[str]:
         return prob_columns(self.table.study_classes)
@@ -74,6 +81,9 @@ class ClassifierTask(Task):
     def model_name(self, gen: int) -> str:
         return ladder_value(self.cfg.classifier.ladder, gen)
 
+    def student_steps(self) -> float:
+        return self.cfg.classifier.student_steps
+
     # ------------------------------------------------------------------ plans
     def payload(self, gen: int) -> dict:
         cfg = self.cfg
@@ -81,38 +91,52 @@ class ClassifierTask(Task):
                 "pre": config_to_dict(cfg.preprocess), "pseudo": config_to_dict(cfg.pseudo), "seed": cfg.run.seed,
                 "gen": gen}
 
-    def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None,
-                   extra_ids: Sequence[str] = ()) -> list[FoldPlan]:
-        oof = read_table(teacher / OOF) if teacher else None
-        pool = read_table(teacher / POOL) if teacher and (teacher / POOL).exists() else None
-        selected = read_table(pseudo_dir / CLASS_PSEUDO) if pseudo_dir else None
-        folds, plans = self.ctx.folds, []
+    def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None, extra_ids: Sequence[str] = (),
+                   *, steps_factor: float | None = None, patience: int = 0) -> list[FoldPlan]:
+        """Fold k's training set: the labeled images of the other folds (targets blended with
+        teacher fold k's soft labels from cycle 1 on) + the pseudo labels chosen for fold k.
+
+        Why fold k's own sources: teacher fold k is the one model of the previous generation that
+        never saw fold k's labels; pseudo labels or soft targets from any other fold model (or the
+        whole ensemble) would carry fold k's labels into the student that is scored on fold k, and
+        every OOF metric and OOF-chosen threshold after it would be optimistic.
+        """
+        labeled = read_table(teacher / LABELED_FOLDS) if teacher else None
+        pool = read_table(teacher / POOL_FOLDS) if teacher and (teacher / POOL_FOLDS).exists() else None
+        folds, plans, train = self.ctx.folds, [], self.cfg.classifier.train
         for fold in range(self.cfg.folds.k):
             train_ids = [i for i in self.labeled_ids() if folds[i] != fold] + list(extra_ids)
             val_ids = [i for i in self.labeled_ids() if folds[i] == fold]
-            ts = replace(self.student_targets(train_ids, oof, selected, pool), generation=gen)
-            teacher_images = len(train_ids) - len(extra_ids)
-            train = self.cfg.classifier.train
-            epochs = (train.epochs if gen == 0 and not extra_ids else
-                      matched_epochs(train.epochs, teacher_images, len(ts.image_ids), self.cfg.classifier.student_epochs))
+            selected = None
+            if pseudo_dir is not None:
+                selected = read_table(pseudo_fold_dir(pseudo_dir, fold) / CLASS_PSEUDO)
+                assert_fold_lineage(fold, selected["models"], read_json(pseudo_fold_dir(pseudo_dir, fold) /
+                                                                         CLASS_PSEUDO_INFO)["threshold_oof_folds"],
+                                    where=pseudo_fold_dir(pseudo_dir, fold))
+            ts = replace(self.student_targets(train_ids, of_fold(labeled, fold), selected, of_fold(pool, fold)),
+                         generation=gen)
+            epochs = matched_epochs(train.epochs, len(train_ids) - len(extra_ids), len(ts.image_ids),
+                                    self.steps_factor(gen, steps_factor))
             plans.append(FoldPlan(fold, ts, tuple(ts.image_ids), tuple(val_ids), epochs,
-                                  {"train": fingerprint(ts.fingerprint_payload())}))
+                                  {"train": fingerprint(ts.fingerprint_payload()),
+                                   "sources": f"f{fold}" if teacher else None}, patience=patience))
         return plans
 
-    def student_targets(self, labeled_ids: list[str], oof: pd.DataFrame | None, pseudo_rows: pd.DataFrame | None,
+    def student_targets(self, labeled_ids: list[str], soft: pd.DataFrame | None, pseudo_rows: pd.DataFrame | None,
                         pool_probs: pd.DataFrame | None) -> TrainingSet:
         """Targets for one fold's training images, built from stored raw probabilities.
 
         Args:
             labeled_ids: the labeled images this fold trains on (its own fold excluded).
-            oof: previous generation's OOF probabilities (None for generation 0: plain ground truth).
+            soft: the teacher fold model's probabilities of those images (None for generation 0:
+                plain ground truth).
             pseudo_rows: balanced pseudo-label selection (image_id, copies), None for generation 0.
-            pool_probs: previous generation's ensemble probabilities on the unlabeled pool.
+            pool_probs: the same teacher fold model's probabilities on the unlabeled pool.
         """
         cfg, cols = self.cfg, self.columns
         gt = self.table.study_targets(labeled_ids)
-        if oof is not None and cfg.pseudo.labeled_blend > 0:
-            gt = pseudo.blend_targets(gt, oof.set_index("image_id").loc[labeled_ids, cols].to_numpy(),
+        if soft is not None and cfg.pseudo.labeled_blend > 0:
+            gt = pseudo.blend_targets(gt, soft.set_index("image_id").loc[labeled_ids, cols].to_numpy(),
                                       weight=cfg.pseudo.labeled_blend)
         ids, targets, weights = list(labeled_ids), [gt], [np.ones(len(labeled_ids), np.float32)]
         if pseudo_rows is not None and len(pseudo_rows):
@@ -143,7 +167,8 @@ class ClassifierTask(Task):
         train_ds = ClassificationDataset(load, train.image_ids, train.targets, train.weights, transform, pp.mean, pp.std)
         val_ds = ClassificationDataset(load, list(plan.val_ids), self.table.study_targets(plan.val_ids), None, None,
                                        pp.mean, pp.std)
-        result = fit(model, train_ds, val_ds, replace(cfg.classifier.train, epochs=plan.epochs), loss=self.loss_kind,
+        train_cfg = replace(cfg.classifier.train, epochs=plan.epochs, patience=plan.patience or cfg.classifier.train.patience)
+        result = fit(model, train_ds, val_ds, train_cfg, loss=self.loss_kind,
                      metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info,
                      name=f"{CLASSIFIER} gen {gen} fold {plan.fold}")
         meta = {
@@ -182,11 +207,15 @@ class ClassifierTask(Task):
                               tta_hflip=self.cfg.augment.tta_hflip, activation=meta["activation"])
         return pd.DataFrame(probs, columns=self.columns).assign(image_id=ids)
 
-    def write_predictions(self, oof: pd.DataFrame, pool: pd.DataFrame, out_dir: Path) -> dict:
-        """oof.csv (image_id, fold, p:*), pool_folds.csv (every fold model on every pool image, for
-        the agreement plots) and pool.csv (mean over folds). Nothing is thresholded here."""
+    def write_predictions(self, oof: pd.DataFrame, every: pd.DataFrame, out_dir: Path) -> dict:
+        """oof.csv (image_id, fold, p:*), pool_folds.csv (every fold model on every pool image),
+        pool.csv (their mean: the ensemble), labeled_folds.csv (every fold model on every labeled
+        image). Probabilities are raw: nothing is thresholded here."""
         cols = ["image_id", "fold", *self.columns]
         write_table(out_dir / OOF, oof[cols])
+        labeled = every["image_id"].isin(set(self.labeled_ids()))
+        write_table(out_dir / LABELED_FOLDS, every[labeled][cols])
+        pool = every[~labeled]
         if len(pool):
             write_table(out_dir / POOL_FOLDS, pool[cols])
             write_table(out_dir / POOL, pool.groupby("image_id", sort=True)[self.columns].mean().reset_index())
@@ -194,31 +223,63 @@ class ClassifierTask(Task):
 
     # ------------------------------------------------------------------ pseudo labels
     def select(self, teachers: dict[str, Path], out_dir: Path, cycle: int) -> dict:
-        """Confidence filter (or per-class thresholds at a target precision on OOF) + balancing."""
-        cfg, table, cols = self.cfg, self.table, self.columns
+        """The ensemble's pseudo labels (what the report and the exports show) and, per fold k, the
+        ones student fold k trains on: teacher fold k's probabilities, thresholds read from the
+        OOF predictions of the other folds."""
         preds = load_predictions(teachers[CLASSIFIER])
-        oof = preds["oof"]
+        unlabeled = set(self.ctx.ids("unlabeled"))
+        empty = pd.DataFrame(columns=["image_id", "fold", *self.columns])
+        pool, per_fold, oof = preds.get("pool", empty), preds.get("pool_folds", empty), preds["oof"]
+        k = self.cfg.folds.k
+        info = self.select_set(pool[pool["image_id"].isin(unlabeled)], oof, out_dir, cycle=cycle,
+                               models=[f"f{f}" for f in range(k)])
+        info["folds"] = {}
+        for fold in range(k):
+            probs = of_fold(per_fold[per_fold["image_id"].isin(unlabeled)], fold)
+            info["folds"][str(fold)] = self.select_set(probs, oof[oof["fold"] != fold], pseudo_fold_dir(out_dir, fold),
+                                                       cycle=cycle, models=[f"f{fold}"])
+        info["students"] = student_totals(list(info["folds"].values()))
+        return info
+
+    def select_set(self, probs: pd.DataFrame, oof: pd.DataFrame, out_dir: Path, *, cycle: int,
+                   models: list[str]) -> dict:
+        """One selection: thresholds on ``oof`` (per class, at the target precision; or the global
+        confidence), starving classes flagged and given the fallback, balancing, provenance."""
+        cfg, table, cols = self.cfg, self.table, self.columns
+        pc, classes, mode = cfg.pseudo, list(table.study_classes), table.label_mode
         thresholds = None
-        if cfg.pseudo.target_precision > 0:
+        if pc.target_precision > 0:
             thresholds = pseudo.class_thresholds(oof[cols].to_numpy(), table.study_targets(oof["image_id"]),
-                                                 target_precision=cfg.pseudo.target_precision, mode=table.label_mode)
-        pool = preds.get("pool", pd.DataFrame(columns=["image_id", *cols]))
-        unlabeled = pool[pool["image_id"].isin(self.ctx.ids("unlabeled"))]
-        selection = pseudo.select_pseudo(unlabeled["image_id"].tolist(),
-                                         unlabeled[cols].to_numpy().reshape(-1, len(cols)), mode=table.label_mode,
-                                         class_names=list(table.study_classes), confidence=cfg.pseudo.confidence,
-                                         thresholds=thresholds)
-        balanced = (pseudo.balance_classes(selection, per_class=cfg.pseudo.per_class, seed=cfg.run.seed)
-                    if cfg.pseudo.balance else selection[selection["kept"]].assign(copies=1))
+                                                 target_precision=pc.target_precision, mode=mode)
+        support = pseudo.threshold_support(oof[cols].to_numpy(), mode=mode)
+        selection = pseudo.select_pseudo(probs["image_id"].tolist(), probs[cols].to_numpy().reshape(-1, len(cols)),
+                                         mode=mode, class_names=classes, confidence=pc.confidence, thresholds=thresholds)
+        selection["rule"] = np.where(selection["kept"], "threshold" if thresholds is not None else "confidence", "")
+        starving = pseudo.starving_classes(selection, support, num_classes=len(classes),
+                                           min_support=pc.min_oof_support if thresholds is not None else 0)
+        fallback_k = 0
+        if starving and pc.fallback == "top_k" and len(selection):
+            fallback_k = pseudo.fallback_size(selection, list(starving), fixed=pc.fallback_k)
+            selection = pseudo.top_k_fallback(selection, list(starving), k=fallback_k)
+        balanced = (pseudo.balance_classes(selection, per_class=pc.per_class, seed=cfg.run.seed)
+                    if pc.balance else selection[selection["kept"]].assign(copies=1))
         provenance = {"cycle": cycle, "source": f"gen{cycle - 1}/{CLASSIFIER}",
-                      "folds": "|".join(map(str, range(cfg.folds.k)))}
+                      "folds": "|".join(str(fold_of_model(m)) for m in models), "models": MODEL_SEPARATOR.join(models)}
         write_table(out_dir / CLASS_SELECTION, selection.assign(**provenance))
         write_table(out_dir / CLASS_PSEUDO, balanced.assign(**provenance))
-        info = {"unlabeled": len(selection), "kept": int(selection["kept"].sum()),
+        kept = selection[selection["kept"]]
+        info = {"unlabeled": len(selection), "kept": int(len(kept)),
                 "after_balance": int(balanced["copies"].sum()) if len(balanced) else 0,
-                "kept_per_class": {k: int(v) for k, v in selection[selection["kept"]]["label"].value_counts().items()},
-                "thresholds": None if thresholds is None else dict(zip(table.study_classes, thresholds.tolist())),
-                "precision": class_truth_precision(selection, self.ctx.truth, table.label_mode)}
+                "kept_per_class": {c: int((kept["label"] == c).sum()) for c in classes if (kept["label"] == c).any()},
+                "thresholds": None if thresholds is None else dict(zip(classes, thresholds.tolist())),
+                "support": dict(zip(classes, support.tolist())),
+                "threshold_oof_folds": sorted(int(f) for f in oof["fold"].unique()), "models": models,
+                "starving": {classes[c]: why for c, why in starving.items()},
+                "fallback": {classes[c]: int(((kept["class_index"] == c) & (kept["rule"] == "top_k")).sum())
+                             for c in starving} if fallback_k else {},
+                "precision": class_truth_precision(selection, self.ctx.truth, mode),
+                "precision_per_class": class_truth_precision_per_class(selection, self.ctx.truth, classes, mode)}
+        warn_starving(CLASSIFIER, models, info)
         write_json(out_dir / CLASS_PSEUDO_INFO, info)
         return info
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ...datasets.adapters import training_boxes
-from ...datasets.atomic import read_table, write_json, write_table
+from ...datasets.atomic import read_json, read_table, write_json, write_table
 from ...datasets.boxes import BOX_COLUMNS
 from ...datasets.config import config_to_dict, fingerprint
 from ...datasets.table import ItemTable
@@ -25,12 +25,12 @@ from ...loops.det_metrics import mean_average_precision, true_positive_mask
 from .. import pseudo
 from ..config import ladder_value, matched_epochs
 from ..detectors import create_detector, load_detector
-from ..evaluation import box_truth_precision
+from ..evaluation import box_truth_precision, box_truth_precision_per_class
 from ..fusion import fuse_boxes
 from ..gating import p_abnormal_series
 from ..layout import (BOX_IMAGES, BOX_OOF_MATCHED, BOX_PSEUDO, BOX_PSEUDO_INFO, CLASSIFIER, DETECTOR,
-                      DETECTOR_CHECKPOINT, OOF_BOXES, POOL_FUSED, POOL_RAW)
-from .base import Task, fold_seed
+                      DETECTOR_CHECKPOINT, LABELED_FOLDS, OOF_BOXES, POOL_FUSED, POOL_RAW, pseudo_fold_dir)
+from .base import Task, assert_fold_lineage, fold_seed, of_fold, student_totals, warn_starving
 from .classifier import load_predictions
 
 BOX_OUT = ["image_id", "class_id", *BOX_COLUMNS, "score"]
@@ -66,6 +66,9 @@ class DetectorTask(Task):
     def model_name(self, gen: int) -> str:
         return ladder_value(self.cfg.detector.ladder, gen)
 
+    def student_steps(self) -> float:
+        return self.cfg.detector.student_steps
+
     @property
     def flip_tta(self) -> bool:
         return self.cfg.augment.tta_hflip and self.cfg.detector.hflip
@@ -80,21 +83,26 @@ class DetectorTask(Task):
         return {"detector": config_to_dict(cfg.detector), "augment": config_to_dict(cfg.augment),
                 "pre": config_to_dict(cfg.preprocess), "seed": cfg.run.seed, "gen": gen}
 
-    def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None,
-                   extra_ids: Sequence[str] = ()) -> list[FoldPlan]:
+    def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None, extra_ids: Sequence[str] = (),
+                   *, steps_factor: float | None = None, patience: int = 0) -> list[FoldPlan]:
+        """Fold k: ground-truth boxes of the other folds' labeled images + the pseudo boxes chosen
+        for fold k (teacher fold k alone; see ClassifierTask.fold_plans for why)."""
         gt = training_boxes(self.table)
-        p_boxes = read_table(pseudo_dir / BOX_PSEUDO) if pseudo_dir else None
-        p_images = read_table(pseudo_dir / BOX_IMAGES) if pseudo_dir else None
         dc, folds, plans = self.cfg.detector, self.ctx.folds, []
         for fold in range(self.cfg.folds.k):
             train_ids = [i for i in self.labeled_ids() if folds[i] != fold] + list(extra_ids)
             val_ids = [i for i in self.labeled_ids() if folds[i] == fold]
+            p_boxes = p_images = None
+            if pseudo_dir is not None:
+                where = pseudo_fold_dir(pseudo_dir, fold)
+                p_boxes, p_images = read_table(where / BOX_PSEUDO), read_table(where / BOX_IMAGES)
+                assert_fold_lineage(fold, p_boxes["models"], read_json(where / BOX_PSEUDO_INFO)["threshold_oof_folds"],
+                                    where=where)
             ids, boxes = training_set(gt, train_ids, p_boxes, p_images)
-            teacher_images = len(train_ids) - len(extra_ids)
-            epochs = (dc.epochs if gen == 0 and not extra_ids else
-                      matched_epochs(dc.epochs, teacher_images, len(ids), dc.student_epochs))
+            epochs = matched_epochs(dc.epochs, len(train_ids) - len(extra_ids), len(ids),
+                                    self.steps_factor(gen, steps_factor))
             plans.append(FoldPlan(fold, BoxTrainingSet(boxes, gen), tuple(ids), tuple(val_ids), epochs,
-                                  {"ids": ids, "boxes": fingerprint(boxes.round(6).to_dict("list"))}))
+                                  {"ids": ids, "boxes": fingerprint(boxes.round(6).to_dict("list"))}, patience=patience))
         return plans
 
     # ------------------------------------------------------------------ one fold
@@ -110,7 +118,7 @@ class DetectorTask(Task):
                               randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
                               device=str(self.ctx.device), seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
                               log=lambda record: log.info(format_epoch(record)),
-                              run_name=f"{DETECTOR} gen {gen} fold {plan.fold}")
+                              run_name=f"{DETECTOR} gen {gen} fold {plan.fold}", patience=plan.patience)
         detector.save(out_dir / DETECTOR_CHECKPOINT)
         return {"model": name, "epochs": plan.epochs, "train_images": len(set(plan.train_ids)),
                 "train_boxes": int(len(boxes)), "fit": result if isinstance(result, dict) else None}
@@ -149,32 +157,67 @@ class DetectorTask(Task):
 
     # ------------------------------------------------------------------ pseudo boxes
     def select(self, teachers: dict[str, Path], out_dir: Path, cycle: int) -> dict:
-        """Per-class thresholds from OOF at the target precision, then kept boxes / negatives."""
+        """The ensemble's pseudo boxes (for the report and the exports) and, per fold k, the ones
+        student fold k trains on: teacher fold k's views fused, thresholds from the other folds'
+        OOF boxes, negatives decided by classifier fold k."""
         dc, pred_dir = self.cfg.detector, teachers[DETECTOR]
         test = set(self.ctx.ids("test"))
         pool_ids = [i for i in self.pool_ids() if i not in test]
         matched = mark_true_positives(read_table(pred_dir / OOF_BOXES), training_boxes(self.table), iou_thr=dc.metric_iou)
-        thresholds = pseudo.box_thresholds(matched, num_classes=len(self.table.box_classes),
-                                           target_precision=dc.target_precision)
-        fused = read_table(pred_dir / POOL_FUSED)
-        fused = fused[fused["image_id"].isin(set(pool_ids))]
-        boxes, images = pseudo.select_pseudo_boxes(fused, pool_ids, p_abnormal(self.table, teachers[CLASSIFIER]),
-                                                   thresholds=thresholds,
-                                                   negative_max_p_abnormal=dc.negative_max_p_abnormal)
         write_table(out_dir / BOX_OOF_MATCHED, matched)
-        boxes = boxes.assign(cycle=cycle, source=f"gen{cycle - 1}/{DETECTOR}")  # models column = folds x views
+        fused = read_table(pred_dir / POOL_FUSED)
+        k = self.cfg.folds.k
+        info = self.select_set(fused[fused["image_id"].isin(set(pool_ids))], matched, pool_ids,
+                               p_abnormal(self.table, teachers[CLASSIFIER]), out_dir, cycle=cycle,
+                               models=[m for f in range(k) for m in self.view_names(f)])
+        raw = read_table(pred_dir / POOL_RAW)
+        raw = raw[raw["image_id"].isin(set(pool_ids))]
+        info["folds"] = {}
+        for fold in range(k):
+            views = self.view_names(fold)
+            fused_k = self.fuse(raw[raw["model"].isin(views)], views, dc.workers)
+            info["folds"][str(fold)] = self.select_set(
+                fused_k, matched[matched["fold"] != fold], pool_ids, p_abnormal(self.table, teachers[CLASSIFIER], fold),
+                pseudo_fold_dir(out_dir, fold), cycle=cycle, models=views)
+        info["students"] = student_totals(list(info["folds"].values()), count_key="per_class")
+        return info
+
+    def select_set(self, fused: pd.DataFrame, matched: pd.DataFrame, pool_ids: list[str], p_ab: pd.Series,
+                   out_dir: Path, *, cycle: int, models: list[str]) -> dict:
+        """One selection of pseudo boxes: per-class thresholds from ``matched`` OOF boxes at the
+        target precision, starving classes flagged and given the fallback, then kept boxes /
+        negatives / uncertain images."""
+        dc, classes = self.cfg.detector, self.table.box_classes
+        n = len(classes)
+        thresholds = pseudo.box_thresholds(matched, num_classes=n, target_precision=dc.target_precision)
+        kept = fused[fused["score"].to_numpy() >= thresholds[fused["class_id"].to_numpy(int)]] if len(fused) else fused
+        starving = pseudo.box_starving_classes(matched, kept, num_classes=n, min_support=dc.min_oof_support)
+        used = thresholds
+        if starving and dc.fallback == "top_k":
+            counts = kept.groupby("class_id").size().drop(list(starving), errors="ignore")
+            size = dc.fallback_k or (max(1, int(np.median(counts.to_numpy()))) if len(counts) else 1)
+            used = pseudo.top_k_box_thresholds(fused, thresholds, list(starving), k=size)
+        boxes, images = pseudo.select_pseudo_boxes(fused, pool_ids, p_ab, thresholds=used,
+                                                   negative_max_p_abnormal=dc.negative_max_p_abnormal)
+        boxes = boxes.assign(cycle=cycle, source=f"gen{cycle - 1}/{DETECTOR}")  # models column: the folds x views
         write_table(out_dir / BOX_PSEUDO, boxes)
         write_table(out_dir / BOX_IMAGES, images)
-        status = images["status"].value_counts().to_dict()
-        classes = self.table.box_classes
+        per_class = boxes.groupby("class_id").size() if len(boxes) else pd.Series(dtype=int)
         info = {"thresholds": dict(zip(classes, [None if np.isinf(t) else float(t) for t in thresholds])),
-                "boxes": int(len(boxes)), "images": {k: int(v) for k, v in status.items()},
-                "per_class": {classes[int(c)]: int(n) for c, n in boxes.groupby("class_id").size().items()}
-                if len(boxes) else {}}
+                "thresholds_used": dict(zip(classes, [None if np.isinf(t) else float(t) for t in used])),
+                "boxes": int(len(boxes)), "images": {s: int(v) for s, v in images["status"].value_counts().items()},
+                "per_class": {classes[int(c)]: int(v) for c, v in per_class.items()},
+                "support": {classes[c]: int((matched["class_id"] == c).sum()) for c in range(n)},
+                "threshold_oof_folds": sorted(int(f) for f in matched["fold"].unique()) if len(matched) else [],
+                "models": models, "starving": {classes[c]: why for c, why in starving.items()},
+                "fallback": {classes[c]: int(per_class.get(c, 0)) for c in starving} if used is not thresholds else {}}
         if self.ctx.truth is not None:
             reread = read_table(out_dir / BOX_PSEUDO)  # as the student will read them (CSV round trip)
             info.update(box_truth_precision(reread, read_table(out_dir / BOX_IMAGES), self.ctx.truth,
                                             iou_thr=dc.metric_iou))
+            info["precision_per_class"] = box_truth_precision_per_class(reread, self.ctx.truth, classes,
+                                                                        iou_thr=dc.metric_iou)
+        warn_starving(DETECTOR, models, info)
         write_json(out_dir / BOX_PSEUDO_INFO, info)
         return info
 
@@ -209,10 +252,15 @@ def training_set(gt: pd.DataFrame, train_ids: list[str], pseudo_boxes: pd.DataFr
     return ids, pd.concat(boxes, ignore_index=True)
 
 
-def p_abnormal(table: ItemTable, cls_pred: Path) -> pd.Series:
-    """Classifier P(abnormal) for every image: OOF for labeled ones, the fold ensemble elsewhere."""
+def p_abnormal(table: ItemTable, cls_pred: Path, fold: int | None = None) -> pd.Series:
+    """Classifier P(abnormal) for every image: OOF for labeled ones and the fold ensemble elsewhere,
+    or, with ``fold``, classifier fold ``fold``'s own predictions of every image."""
     preds = load_predictions(cls_pred)
-    frames = [preds["oof"]] + ([preds["pool"]] if "pool" in preds else [])
+    if fold is None:
+        frames = [preds["oof"]] + ([preds["pool"]] if "pool" in preds else [])
+    else:
+        frames = [of_fold(read_table(cls_pred / LABELED_FOLDS), fold)]
+        frames += [of_fold(preds["pool_folds"], fold)] if "pool_folds" in preds else []
     return p_abnormal_series(pd.concat(frames, ignore_index=True), table.normal_class)
 
 
