@@ -45,6 +45,10 @@ class DataConfig:
     """Demo format only: pixel size of the generated DICOMs."""
     demo_seed: int = 0
     """Demo format only: seed of the generated dataset (bench_gain varies it with run.seed)."""
+    hidden_truth: bool = True
+    """Read the pool's hidden truth when the dataset has one (the demo's unlabeled_truth.csv): it only
+    measures the pseudo labels and trains the oracle; false runs the same selection and training
+    without it (a test compares both)."""
     on_bad_input: Literal["quarantine", "error"] = "quarantine"
     """quarantine: bad rows are set aside and reported; error: the first bad row stops the run."""
 

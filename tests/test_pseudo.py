@@ -117,3 +117,51 @@ def test_an_empty_unlabeled_pool_selects_nothing():
     assert sel.empty and list(sel.columns)[:2] == ["image_id", "label"]
     assert pseudo.balance_classes(sel).empty
     assert pseudo.sharpen(np.zeros((0, 3)), temperature=0.5, mode="multiclass").shape == (0, 3)
+
+
+# ----------------------------------------------------------------------------- starving classes
+
+
+def _selection(rows):
+    return pd.DataFrame(rows, columns=["image_id", "label", "class_index", "confidence", "threshold", "kept"])
+
+
+def test_threshold_support_counts_the_oof_predictions_each_threshold_is_read_from():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    assert pseudo.threshold_support(probs, mode="multiclass").tolist() == [2, 1]
+    assert pseudo.threshold_support(probs, mode="multilabel").tolist() == [3, 3]
+
+
+def test_starving_classes_name_empty_and_weakly_supported_classes():
+    sel = _selection([("a", "n", 0, 0.9, 0.5, True), ("b", "n", 0, 0.6, 0.5, True), ("c", "x", 1, 0.8, 0.9, False)])
+    assert pseudo.starving_classes(sel, np.array([20, 20]), num_classes=2, min_support=10) == {
+        1: "no pool image reaches its threshold"}
+    starving = pseudo.starving_classes(sel, np.array([20, 1]), num_classes=2, min_support=10)
+    assert starving == {1: "threshold rests on 1 OOF prediction(s) (< 10)"}
+
+
+def test_top_k_fallback_keeps_the_k_most_confident_of_a_starving_class_only():
+    sel = _selection([("a", "n", 0, 0.9, 0.5, True), ("b", "x", 1, 0.7, 0.95, False), ("c", "x", 1, 0.8, 0.95, False),
+                      ("d", "x", 1, 0.6, 0.95, False)])
+    out = pseudo.top_k_fallback(sel, [1], k=2)
+    assert out.set_index("image_id")["kept"].to_dict() == {"a": True, "b": True, "c": True, "d": False}
+    assert out.set_index("image_id")["rule"].to_dict() == {"a": "threshold", "b": "top_k", "c": "top_k", "d": ""}
+
+
+def test_fallback_size_is_the_median_kept_count_of_the_other_classes():
+    sel = _selection([(f"n{i}", "n", 0, 0.9, 0.5, True) for i in range(6)]
+                     + [(f"m{i}", "m", 1, 0.9, 0.5, True) for i in range(2)] + [("x", "x", 2, 0.5, 0.9, False)])
+    assert pseudo.fallback_size(sel, [2]) == 4  # median of 6 and 2
+    assert pseudo.fallback_size(sel, [2], fixed=7) == 7
+    assert pseudo.fallback_size(sel.iloc[-1:], [2]) == 1
+
+
+def test_box_fallback_thresholds_keep_the_top_k_boxes_of_a_starving_class():
+    fused = pd.DataFrame({"image_id": list("abcd"), "class_id": [0, 1, 1, 1], "score": [0.9, 0.3, 0.5, 0.4]})
+    out = pseudo.top_k_box_thresholds(fused, np.array([0.8, np.inf]), [1], k=2)
+    assert out.tolist() == [0.8, 0.4]
+    assert np.isinf(pseudo.top_k_box_thresholds(fused, np.array([0.8, np.inf]), [1], k=0)[1])
+    matched = pd.DataFrame({"class_id": [0] * 12 + [1] * 3})
+    kept = fused[fused["score"] >= 0.8]
+    assert pseudo.box_starving_classes(matched, kept, num_classes=2, min_support=10) == {
+        1: "threshold rests on 3 OOF box(es) (< 10)"}

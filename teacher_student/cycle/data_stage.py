@@ -77,7 +77,7 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     write_table(stage_dir / FOLDS, fa.folds.rename("fold").rename_axis("image_id").reset_index())
     write_table(stage_dir / GROUPS, fa.groups.rename("group").rename_axis("image_id").reset_index())
     write_json(stage_dir / FOLD_REPORT, fa.report)
-    truth = load_hidden_truth(cfg.data)
+    truth = load_hidden_truth(cfg.data) if cfg.data.hidden_truth else None
     if truth is not None:
         save_table(stage_dir / layout.truth.name, truth)
     return {"table": table.summary(), "quarantined": int(len(table.quarantine)), "folds": fa.report}

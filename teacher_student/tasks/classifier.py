@@ -232,17 +232,18 @@ class ClassifierTask(Task):
         pool, per_fold, oof = preds.get("pool", empty), preds.get("pool_folds", empty), preds["oof"]
         k = self.cfg.folds.k
         info = self.select_set(pool[pool["image_id"].isin(unlabeled)], oof, out_dir, cycle=cycle,
-                               models=[f"f{f}" for f in range(k)])
+                               models=[f"f{f}" for f in range(k)], oof_folds=list(range(k)))
         info["folds"] = {}
         for fold in range(k):
             probs = of_fold(per_fold[per_fold["image_id"].isin(unlabeled)], fold)
-            info["folds"][str(fold)] = self.select_set(probs, oof[oof["fold"] != fold], pseudo_fold_dir(out_dir, fold),
-                                                       cycle=cycle, models=[f"f{fold}"])
+            others = [f for f in range(k) if f != fold]
+            info["folds"][str(fold)] = self.select_set(probs, oof[oof["fold"].isin(others)], pseudo_fold_dir(out_dir, fold),
+                                                       cycle=cycle, models=[f"f{fold}"], oof_folds=others)
         info["students"] = student_totals(list(info["folds"].values()))
         return info
 
     def select_set(self, probs: pd.DataFrame, oof: pd.DataFrame, out_dir: Path, *, cycle: int,
-                   models: list[str]) -> dict:
+                   models: list[str], oof_folds: list[int]) -> dict:
         """One selection: thresholds on ``oof`` (per class, at the target precision; or the global
         confidence), starving classes flagged and given the fallback, balancing, provenance."""
         cfg, table, cols = self.cfg, self.table, self.columns
@@ -273,7 +274,7 @@ class ClassifierTask(Task):
                 "kept_per_class": {c: int((kept["label"] == c).sum()) for c in classes if (kept["label"] == c).any()},
                 "thresholds": None if thresholds is None else dict(zip(classes, thresholds.tolist())),
                 "support": dict(zip(classes, support.tolist())),
-                "threshold_oof_folds": sorted(int(f) for f in oof["fold"].unique()), "models": models,
+                "threshold_oof_folds": oof_folds, "models": models,
                 "starving": {classes[c]: why for c, why in starving.items()},
                 "fallback": {classes[c]: int(((kept["class_index"] == c) & (kept["rule"] == "top_k")).sum())
                              for c in starving} if fallback_k else {},

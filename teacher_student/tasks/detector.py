@@ -169,21 +169,23 @@ class DetectorTask(Task):
         k = self.cfg.folds.k
         info = self.select_set(fused[fused["image_id"].isin(set(pool_ids))], matched, pool_ids,
                                p_abnormal(self.table, teachers[CLASSIFIER]), out_dir, cycle=cycle,
-                               models=[m for f in range(k) for m in self.view_names(f)])
+                               models=[m for f in range(k) for m in self.view_names(f)], oof_folds=list(range(k)))
         raw = read_table(pred_dir / POOL_RAW)
         raw = raw[raw["image_id"].isin(set(pool_ids))]
         info["folds"] = {}
         for fold in range(k):
             views = self.view_names(fold)
             fused_k = self.fuse(raw[raw["model"].isin(views)], views, dc.workers)
+            others = [f for f in range(k) if f != fold]
             info["folds"][str(fold)] = self.select_set(
-                fused_k, matched[matched["fold"] != fold], pool_ids, p_abnormal(self.table, teachers[CLASSIFIER], fold),
-                pseudo_fold_dir(out_dir, fold), cycle=cycle, models=views)
+                fused_k, matched[matched["fold"].isin(others)], pool_ids,
+                p_abnormal(self.table, teachers[CLASSIFIER], fold), pseudo_fold_dir(out_dir, fold), cycle=cycle,
+                models=views, oof_folds=others)
         info["students"] = student_totals(list(info["folds"].values()), count_key="per_class")
         return info
 
     def select_set(self, fused: pd.DataFrame, matched: pd.DataFrame, pool_ids: list[str], p_ab: pd.Series,
-                   out_dir: Path, *, cycle: int, models: list[str]) -> dict:
+                   out_dir: Path, *, cycle: int, models: list[str], oof_folds: list[int]) -> dict:
         """One selection of pseudo boxes: per-class thresholds from ``matched`` OOF boxes at the
         target precision, starving classes flagged and given the fallback, then kept boxes /
         negatives / uncertain images."""
@@ -208,7 +210,7 @@ class DetectorTask(Task):
                 "boxes": int(len(boxes)), "images": {s: int(v) for s, v in images["status"].value_counts().items()},
                 "per_class": {classes[int(c)]: int(v) for c, v in per_class.items()},
                 "support": {classes[c]: int((matched["class_id"] == c).sum()) for c in range(n)},
-                "threshold_oof_folds": sorted(int(f) for f in matched["fold"].unique()) if len(matched) else [],
+                "threshold_oof_folds": oof_folds,
                 "models": models, "starving": {classes[c]: why for c, why in starving.items()},
                 "fallback": {classes[c]: int(per_class.get(c, 0)) for c in starving} if used is not thresholds else {}}
         if self.ctx.truth is not None:
