@@ -117,6 +117,10 @@ class DetectorConfig:
     """Per-class pseudo-box score threshold: the lowest that reaches this precision on OOF."""
     negative_max_p_abnormal: float = 0.2
     """An unlabeled image with no kept box and P(abnormal) below this becomes a negative."""
+    uncertain_floor: float = 0.0
+    """An image with a box scoring from this up but below its class threshold is left out, even with
+    other boxes kept: the student would learn the lesion the teacher was unsure of as background
+    (0: off). Also no image with such a box becomes a negative."""
     min_oof_support: int = 10
     """A box class whose threshold is read from fewer OOF boxes than this is weak evidence (flagged,
     treated as starving)."""

@@ -317,32 +317,43 @@ def select_pseudo_boxes(
     *,
     thresholds: np.ndarray,
     negative_max_p_abnormal: float,
+    uncertain_floor: float = 0.0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Turn fused teacher boxes on unlabeled images into detector training targets.
 
-    An image keeps the boxes whose score reaches their class threshold. An image with no kept box
-    becomes a negative (an empty label file) only when the classifier is confidently normal
-    (P(abnormal) <= ``negative_max_p_abnormal``); otherwise it is uncertain and left out, since
-    an empty label would teach the student that its missed lesions are background.
+    An image keeps the boxes whose score reaches their class threshold. Why an image-level rule on
+    top: a detector reads every unlabeled region of a training image as background, so an image
+    whose teacher saw a lesion it was unsure of (a box scoring at least ``uncertain_floor`` but
+    below its class threshold) would teach the student that the lesion is background; such an
+    image is "partial" and left out, whatever else it keeps. An image with no box at all from the
+    floor up becomes a negative (an empty label file) only when the classifier is confidently
+    normal (P(abnormal) <= ``negative_max_p_abnormal``); otherwise it is "uncertain" and left out.
+    ``uncertain_floor`` 0 turns the partial rule off (any kept box makes an image usable).
 
     Returns:
-        (boxes, images): the kept boxes (input columns kept), and one row per image with
-        image_id, status ("boxes" | "negative" | "uncertain"), n_boxes, p_abnormal.
+        (boxes, images): the kept boxes of usable images (input columns kept), and one row per
+        image with image_id, status ("boxes" | "negative" | "partial" | "uncertain"), n_boxes
+        (kept boxes), n_unsure (boxes between the floor and their threshold), p_abnormal.
     """
     thresholds = np.asarray(thresholds, dtype=np.float64)
-    if len(fused):
-        keep = fused["score"].to_numpy() >= thresholds[fused["class_id"].to_numpy(int)]
-        boxes = fused[keep].reset_index(drop=True)
-    else:
-        boxes = fused.copy()
-    n_boxes = boxes.groupby("image_id").size() if len(boxes) else pd.Series(dtype="int64")
+    scores = fused["score"].to_numpy(np.float64) if len(fused) else np.zeros(0)
+    keep = scores >= thresholds[fused["class_id"].to_numpy(int)] if len(fused) else np.zeros(0, bool)
+    unsure = ~keep & (scores >= uncertain_floor) if uncertain_floor > 0 else np.zeros(len(fused), bool)
+    n_kept = fused[keep].groupby("image_id").size() if keep.any() else pd.Series(dtype="int64")
+    n_unsure = fused[unsure].groupby("image_id").size() if unsure.any() else pd.Series(dtype="int64")
     rows = []
     for image_id in image_ids:
-        n = int(n_boxes.get(image_id, 0))
+        n, u = int(n_kept.get(image_id, 0)), int(n_unsure.get(image_id, 0))
         p = float(p_abnormal.get(image_id, np.nan))
-        status = "boxes" if n else ("negative" if p <= negative_max_p_abnormal else "uncertain")
-        rows.append({"image_id": image_id, "status": status, "n_boxes": n, "p_abnormal": p})
-    return boxes, pd.DataFrame(rows, columns=["image_id", "status", "n_boxes", "p_abnormal"])
+        if u:
+            status = "partial" if n else "uncertain"
+        else:
+            status = "boxes" if n else ("negative" if p <= negative_max_p_abnormal else "uncertain")
+        rows.append({"image_id": image_id, "status": status, "n_boxes": n, "n_unsure": u, "p_abnormal": p})
+    images = pd.DataFrame(rows, columns=["image_id", "status", "n_boxes", "n_unsure", "p_abnormal"])
+    usable = set(images.loc[images["status"] == "boxes", "image_id"])
+    boxes = fused[keep & fused["image_id"].isin(usable).to_numpy()].reset_index(drop=True) if len(fused) else fused.copy()
+    return boxes, images
 
 
 def gate_predictions(

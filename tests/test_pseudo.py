@@ -165,3 +165,18 @@ def test_box_fallback_thresholds_keep_the_top_k_boxes_of_a_starving_class():
     kept = fused[fused["score"] >= 0.8]
     assert pseudo.box_starving_classes(matched, kept, num_classes=2, min_support=10) == {
         1: "threshold rests on 3 OOF box(es) (< 10)"}
+
+
+def test_an_image_with_a_lesion_the_teacher_was_unsure_of_is_left_out():
+    """a: one kept box and one unsure (0.3 >= floor 0.2, < its threshold 0.9): partial, left out;
+    b: one kept box, the other below the floor: usable; c: nothing from the floor up, normal: a
+    negative; d: an unsure box only: uncertain, not a negative even though P(abnormal) is low."""
+    fused = pd.DataFrame({"image_id": ["a", "a", "b", "b", "c", "d"], "class_id": [0, 1, 0, 1, 1, 1],
+                          "x_min": 0.1, "y_min": 0.1, "x_max": 0.3, "y_max": 0.3,
+                          "score": [0.8, 0.3, 0.7, 0.1, 0.05, 0.4]})
+    p = pd.Series({"a": 0.9, "b": 0.9, "c": 0.05, "d": 0.05})
+    boxes, images = pseudo.select_pseudo_boxes(fused, list("abcd"), p, thresholds=np.array([0.5, 0.9]),
+                                               negative_max_p_abnormal=0.2, uncertain_floor=0.2)
+    assert images.set_index("image_id")["status"].to_dict() == {"a": "partial", "b": "boxes", "c": "negative",
+                                                                "d": "uncertain"}
+    assert boxes["image_id"].tolist() == ["b"] and images.set_index("image_id").loc["a", "n_unsure"] == 1

@@ -200,7 +200,8 @@ class DetectorTask(Task):
             size = dc.fallback_k or (max(1, int(np.median(counts.to_numpy()))) if len(counts) else 1)
             used = pseudo.top_k_box_thresholds(fused, thresholds, list(starving), k=size)
         boxes, images = pseudo.select_pseudo_boxes(fused, pool_ids, p_ab, thresholds=used,
-                                                   negative_max_p_abnormal=dc.negative_max_p_abnormal)
+                                                   negative_max_p_abnormal=dc.negative_max_p_abnormal,
+                                                   uncertain_floor=dc.uncertain_floor)
         boxes = boxes.assign(cycle=cycle, source=f"gen{cycle - 1}/{DETECTOR}")  # models column: the folds x views
         write_table(out_dir / BOX_PSEUDO, boxes)
         write_table(out_dir / BOX_IMAGES, images)
