@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set pseudo.temperature=0.5 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--config-reference", action="store_true",
+                   help="print every config key with its default and meaning (the README's table) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
     return p
 
@@ -116,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     from cxr_noisy_student.datasets.errors import ConfigError, DataError, TrainingError
     from cxr_noisy_student.datasets.config import config_to_dict
 
+    if args.config_reference:
+        from cxr_noisy_student.teacher_student.config import config_reference_markdown
+
+        print(config_reference_markdown())
+        return 0
     try:
         cfg = resolve_config(args)
         if args.print_config:

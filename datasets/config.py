@@ -45,6 +45,13 @@ class DataConfig:
     """Demo format only: pixel size of the generated DICOMs."""
     demo_seed: int = 0
     """Demo format only: seed of the generated dataset (bench_gain varies it with run.seed)."""
+    test_fraction: float = 0.0
+    """Hold out about this fraction of the labeled images as the test role, whole patient and
+    duplicate groups at a time (for data without a test part; 0: none). Test images are never
+    trained on; every generation and reference model is scored on them."""
+    test_from: Literal["labeled", "box_labeled"] = "labeled"
+    """Which labeled images test_fraction counts: all, or those with ground-truth boxes (the
+    detector's test set; their groups' other images go with them)."""
     hidden_truth: bool = True
     """Read the pool's hidden truth when the dataset has one (the demo's unlabeled_truth.csv): it only
     measures the pseudo labels and trains the oracle; false runs the same selection and training

@@ -215,6 +215,37 @@ def assign_folds(items: pd.DataFrame, hashes: pd.DataFrame, k: int, seed: int,
     return FoldAssignment(folds=folds, groups=groups, report=report)
 
 
+def hold_out_groups(items: pd.DataFrame, hashes: pd.DataFrame, candidates: pd.Series, *, fraction: float, seed: int,
+                    phash_max_distance: int = 0) -> list[str]:
+    """Image ids of a held-out test part: whole patient/duplicate groups, drawn (seeded) among the
+    groups holding candidate images until about ``fraction`` of the candidates are in it.
+
+    Why whole groups: a test image whose patient (or a copy of it) is in training scores what the
+    model memorised, not what it learned. Every image of a drawn group is held out, candidate or
+    not, so the split never cuts a group.
+
+    Args:
+        items: image_id and patient_id of every image that may be held out.
+        candidates: boolean per row of ``items``: the images the fraction counts (e.g. box-labeled ones).
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"data.test_fraction must be between 0 and 1, got {fraction}")
+    items = items.assign(image_id=items["image_id"].astype(str)).reset_index(drop=True)
+    hashes = hashes.assign(image_id=hashes["image_id"].astype(str))
+    duplicates = duplicate_groups(hashes[hashes["image_id"].isin(set(items["image_id"]))], phash_max_distance)
+    groups = patient_duplicate_groups(items, duplicates)
+    wanted = np.asarray(candidates, dtype=bool)
+    per_group = pd.Series(wanted, index=groups.index).groupby(groups.to_numpy()).sum()
+    order = np.random.default_rng(seed).permutation(per_group[per_group > 0].index.to_numpy())
+    target, taken, chosen = fraction * wanted.sum(), 0, []
+    for group in order:
+        if taken >= target:
+            break
+        chosen.append(group)
+        taken += int(per_group[group])
+    return sorted(groups.index[groups.isin(chosen)])
+
+
 # ---------------------------------------------------------------------------- report
 
 

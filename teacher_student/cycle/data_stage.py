@@ -17,7 +17,7 @@ from ...datasets.atomic import atomic_path, read_table, write_json, write_table
 from ...datasets.cache import ImageCache
 from ...datasets.config import config_to_dict
 from ...datasets.errors import DataError
-from ...datasets.folds import assign_folds, check_no_leak
+from ...datasets.folds import assign_folds, check_no_leak, hold_out_groups
 from ...datasets.table import ItemTable, Quarantine, load_table, save_table
 from ...loops.device import resolve_device
 from ...loops.stages import source_digest
@@ -71,6 +71,8 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
         bad = failures.iloc[0]
         Quarantine("error").reject(bad["path"], None, bad["image_id"], bad["problem"])
     table = drop_unreadable(table, failures)
+    if cfg.data.test_fraction > 0:
+        table = hold_out_test(cfg, table, cache.hashes())
     fa = assign_folds(table.with_role("labeled"), cache.hashes(), k=cfg.folds.k, seed=cfg.folds.seed,
                       phash_max_distance=cfg.folds.phash_max_distance)
     save_table(stage_dir, table)
@@ -81,6 +83,19 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     if truth is not None:
         save_table(stage_dir / layout.truth.name, truth)
     return {"table": table.summary(), "quarantined": int(len(table.quarantine)), "folds": fa.report}
+
+
+def hold_out_test(cfg: EngineConfig, table: ItemTable, hashes: pd.DataFrame) -> ItemTable:
+    """Move a patient-grouped part of the labeled images to the test role (data.test_fraction)."""
+    labeled = table.with_role("labeled")
+    candidates = labeled["box_labeled"] if cfg.data.test_from == "box_labeled" else pd.Series(True, index=labeled.index)
+    held = set(hold_out_groups(labeled, hashes, candidates.to_numpy(), fraction=cfg.data.test_fraction,
+                               seed=cfg.folds.seed, phash_max_distance=cfg.folds.phash_max_distance))
+    items = table.items.copy()
+    items.loc[items["image_id"].isin(held), "role"] = "test"
+    log.info("data.test_fraction %.2f: %d labeled images (whole patient/duplicate groups) held out as test",
+             cfg.data.test_fraction, len(held))
+    return table.replace(items=items)
 
 
 def drop_unreadable(table: ItemTable, failures: pd.DataFrame) -> ItemTable:
