@@ -155,6 +155,9 @@ class GateConfig:
 class RunConfig:
     cycles: int = 3
     """Teacher -> student cycles after cycle 0."""
+    tasks: tuple[Literal["classifier", "detector"], ...] = ("classifier", "detector")
+    """Task kinds the run trains, in order; the study classifier comes first (the detector's
+    negatives and the final gate read its P(abnormal)). A kind without labels in the data is skipped."""
     out: str = "runs/demo"
     """Run directory; rerunning into it resumes."""
     device: str = "auto"
@@ -264,7 +267,18 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 
 def config_from_dict(data: dict) -> EngineConfig:
-    return _build(EngineConfig, data, "")
+    return check_config(_build(EngineConfig, data, ""))
+
+
+def check_config(cfg: EngineConfig) -> EngineConfig:
+    """Rules across keys, checked at load so a run never starts on a config that cannot finish;
+    each breach is one ConfigError line naming the keys."""
+    tasks = cfg.run.tasks
+    if not tasks or tasks[0] != "classifier":
+        raise ConfigError(f"run.tasks {list(tasks)}: must start with 'classifier' (the other kinds read its predictions)")
+    if len(set(tasks)) != len(tasks):
+        raise ConfigError(f"run.tasks {list(tasks)}: a task kind is listed twice")
+    return cfg
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -18,8 +18,7 @@ from ..config import EngineConfig, ladder_value
 from ..context import RunContext
 from ..layout import CLASSIFIER, DETECTOR
 from ..tasks.base import Task
-from ..tasks.classifier import ClassifierTask
-from ..tasks.detector import DetectorTask
+from ..tasks.registry import TASK_KINDS
 from .data_stage import prepare
 from .final_stage import final_stage
 from .generation import train_generation
@@ -33,8 +32,8 @@ def run_cycles(cfg: EngineConfig) -> dict:
     """Run data preparation, generation 0 and ``cfg.run.cycles`` teacher -> student cycles."""
     started = time.perf_counter()
     ctx = prepare(cfg)
-    classifier, detector = ClassifierTask(ctx), DetectorTask(ctx)
-    tasks: list[Task] = [classifier] + ([detector] if detector.enabled() else [])
+    tasks = [task for task in (TASK_KINDS[name](ctx) for name in cfg.run.tasks) if task.enabled()]
+    detector = next((t for t in tasks if t.name == DETECTOR), None)
     preds = {t.name: train_generation(ctx, t, 0, None, None) for t in tasks}
     gens, cycles = [generation_record(ctx, tasks, 0, preds)], []
     for cycle in range(1, cfg.run.cycles + 1):
@@ -44,7 +43,7 @@ def run_cycles(cfg: EngineConfig) -> dict:
         gens.append(generation_record(ctx, tasks, cycle, preds))
         cycles.append({"cycle": cycle, "pseudo": rec["result"], "teacher": gens[cycle - 1]["generation"],
                        "student": cycle})
-    det = detector if DETECTOR in preds else None
+    det = detector
     payload = {"cls": file_digest(preds[CLASSIFIER]), "det": file_digest(preds[DETECTOR]) if det else None,
                "gate": config_to_dict(cfg.gate)}
     final = ctx.stage(ctx.layout.final, payload,

@@ -72,6 +72,10 @@ class Task(abc.ABC):
         self.table = table if table is not None else ctx.table
 
     # ------------------------------------------------------------------ which images
+    def enabled(self) -> bool:
+        """Whether this run has the labels this kind trains on (e.g. a detector needs boxes)."""
+        return True
+
     @abc.abstractmethod
     def labeled_ids(self) -> list[str]:
         """Images whose labels for this task are ground truth: trained on and predicted OOF."""

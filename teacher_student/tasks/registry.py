@@ -1,0 +1,8 @@
+"""Task kinds by their ``run.tasks`` name."""
+from __future__ import annotations
+
+from .base import Task
+from .classifier import ClassifierTask
+from .detector import DetectorTask
+
+TASK_KINDS: dict[str, type[Task]] = {ClassifierTask.name: ClassifierTask, DetectorTask.name: DetectorTask}
