@@ -151,7 +151,8 @@ class ClassifierTrainer(Trainer):
         if self.val_ds is not None and len(self.val_ds):
             self.recalibrate_bn()
             row.update(self.validate())
-            row["best"] = self.keep_if_best(-math.inf if row["metric"] is None else row["metric"])
+            score = -math.inf if row["metric"] is None else row["metric"]
+            row["best"] = self.keep_if_best(self.epoch if self.cfg.keep == "last" else score)
             if row["best"]:
                 self.best_metric = row["metric"]
         stop = f" | early stop: no better metric for {self.cfg.patience} epochs" if self.stop else ""

@@ -115,6 +115,10 @@ class DetectorConfig:
     """mAP IoU: 0.4 VinBigData, 0.5 SIIM."""
     target_precision: float = 0.8
     """Per-class pseudo-box score threshold: the lowest that reaches this precision on OOF."""
+    threshold_floor: float = 0.0
+    """A per-class box threshold is never set below this. Why: the low end of an OOF precision curve
+    is read from a handful of boxes (measured on the demo: thresholds of 0.03-0.07 chosen on about 11
+    OOF boxes kept pool boxes of 0.42-0.85 precision against a 0.8 target)."""
     negative_max_p_abnormal: float = 0.2
     """An unlabeled image with no kept box and P(abnormal) below this becomes a negative."""
     uncertain_floor: float = 0.0
@@ -125,7 +129,9 @@ class DetectorConfig:
     """A box class whose threshold is read from fewer OOF boxes than this is weak evidence (flagged,
     treated as starving)."""
     fallback: Literal["top_k", "none"] = "top_k"
-    """A starving box class: top_k keeps its fallback_k highest-scoring pool boxes (flagged); none: none."""
+    """A starving box class: top_k keeps its fallback_k highest-scoring pool boxes (flagged); none keeps
+    none, and with uncertain_floor > 0 the images showing that class are left out rather than
+    taught as background."""
     fallback_k: int = 0
     """Boxes a starving class keeps with fallback top_k; 0: the median kept count of the other classes."""
     randaugment_n: tuple[int, ...] = (0, 2, 2, 3)
@@ -201,6 +207,16 @@ def matched_epochs(teacher_epochs: int, teacher_images: int, images: int, steps_
     steps. Why steps, not epochs: pseudo labels multiply a student's images; matching epochs would
     slow every generation by that ratio, matching steps keeps each generation's cost a choice."""
     return max(1, round(teacher_epochs * steps_factor * teacher_images / max(images, 1)))
+
+
+def detector_preprocess(cfg: EngineConfig) -> PreprocessConfig:
+    """The preprocessing detectors read: the run's, cached at the detector's own input size.
+
+    Why its own size: a detector needs its lesions to be objects of several pixels at its input
+    size (measured on the demo: at 64 px YOLO assigns no positives, at 128 px it learns), while a
+    classifier may read a smaller image (faster, and on the demo better); caching at the input size
+    also spares the detector a second resize."""
+    return replace(cfg.preprocess, size=cfg.detector.img_size)
 
 
 def ladder_value(values: tuple, generation: int):

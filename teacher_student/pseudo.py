@@ -185,17 +185,18 @@ def threshold_support(oof_probs: np.ndarray, *, mode: LabelMode) -> np.ndarray:
 
 
 def starving_classes(selection: pd.DataFrame, support: np.ndarray, *, num_classes: int,
-                     min_support: int) -> dict[int, str]:
+                     min_support: int, present: Sequence[int] | None = None) -> dict[int, str]:
     """Classes the student would learn nothing about, or only on weak evidence: class -> why.
 
     A class starves when it keeps no pseudo label, or when its threshold rests on fewer than
     ``min_support`` OOF predictions (a precision read off a handful of images means nothing: a
-    threshold chosen on one OOF image keeps everything or nothing by chance).
+    threshold chosen on one OOF image keeps everything or nothing by chance). Only the classes
+    ``present`` in the labeled data can starve (default: all); the others have nothing to teach.
     """
     kept = selection.loc[selection["kept"].astype(bool), "class_index"].to_numpy(int)
     counts = np.bincount(kept, minlength=num_classes)
     out = {}
-    for c in range(num_classes):
+    for c in (range(num_classes) if present is None else sorted(present)):
         if support[c] < min_support:
             out[c] = f"threshold rests on {int(support[c])} OOF prediction(s) (< {min_support})"
         elif counts[c] == 0:
@@ -286,13 +287,14 @@ def box_thresholds(matched: pd.DataFrame, *, num_classes: int, target_precision:
 
 
 def box_starving_classes(matched: pd.DataFrame, kept: pd.DataFrame, *, num_classes: int,
-                         min_support: int) -> dict[int, str]:
+                         min_support: int, present: Sequence[int] | None = None) -> dict[int, str]:
     """Box classes the student would learn nothing about, or only on weak evidence: class -> why
-    (no kept pseudo box, or a threshold read from fewer than ``min_support`` OOF boxes)."""
+    (no kept pseudo box, or a threshold read from fewer than ``min_support`` OOF boxes). Only the
+    classes ``present`` in the ground truth can starve (default: all)."""
     support = np.bincount(matched["class_id"].to_numpy(int), minlength=num_classes) if len(matched) else np.zeros(num_classes, int)
     counts = np.bincount(kept["class_id"].to_numpy(int), minlength=num_classes) if len(kept) else np.zeros(num_classes, int)
     out = {}
-    for c in range(num_classes):
+    for c in (range(num_classes) if present is None else sorted(present)):
         if support[c] < min_support:
             out[c] = f"threshold rests on {int(support[c])} OOF box(es) (< {min_support})"
         elif counts[c] == 0:

@@ -21,7 +21,7 @@ from ...datasets.folds import assign_folds, check_no_leak, hold_out_groups
 from ...datasets.table import ItemTable, Quarantine, load_table, save_table
 from ...loops.device import resolve_device
 from ...loops.stages import source_digest
-from ..config import EngineConfig
+from ..config import EngineConfig, detector_preprocess
 from ..layout import FOLD_REPORT, FOLDS, GROUPS, TABLE_META, RunLayout
 from ..context import RunContext, run_stage
 
@@ -67,6 +67,10 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     table = load_dataset(cfg.data)
     cache = ImageCache(layout.cache, cfg.preprocess)
     failures = cache.build(table.items[["image_id", "path"]], workers=cfg.run.workers)
+    if cfg.detector.enabled and detector_preprocess(cfg) != cfg.preprocess:  # the detectors' own input size
+        more = ImageCache(layout.cache, detector_preprocess(cfg)).build(table.items[["image_id", "path"]],
+                                                                        workers=cfg.run.workers)
+        failures = pd.concat([failures, more[~more["image_id"].isin(set(failures["image_id"]))]], ignore_index=True)
     if cfg.data.on_bad_input == "error" and len(failures):  # decoding found what headers could not
         bad = failures.iloc[0]
         Quarantine("error").reject(bad["path"], None, bad["image_id"], bad["problem"])

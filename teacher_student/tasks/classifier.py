@@ -153,8 +153,8 @@ class ClassifierTask(Task):
     def fit_fold(self, plan: FoldPlan, out_dir: Path) -> dict:
         """Train one fold model and write its checkpoint (with its preprocessing) and history."""
         cfg, pp = self.cfg, self.cfg.preprocess
-        train = plan.train
-        gen = train.generation
+        training = plan.train
+        gen = training.generation
         name = self.model_name(gen)
         drop, drop_path = ladder_value(cfg.classifier.drop_rate, gen), ladder_value(cfg.classifier.drop_path_rate, gen)
         n, m = ladder_value(cfg.augment.randaugment_n, gen), ladder_value(cfg.augment.randaugment_m, gen)
@@ -164,10 +164,14 @@ class ClassifierTask(Task):
                                   pretrained=cfg.classifier.pretrained)
         transform = student_transform(pp.size, n, m) if n > 0 else teacher_transform(pp.size)
         load = self.ctx.loader()
-        train_ds = ClassificationDataset(load, train.image_ids, train.targets, train.weights, transform, pp.mean, pp.std)
+        train_ds = ClassificationDataset(load, training.image_ids, training.targets, training.weights, transform,
+                                         pp.mean, pp.std)
         val_ds = ClassificationDataset(load, list(plan.val_ids), self.table.study_targets(plan.val_ids), None, None,
                                        pp.mean, pp.std)
-        train_cfg = replace(cfg.classifier.train, epochs=plan.epochs, patience=plan.patience or cfg.classifier.train.patience)
+        train = cfg.classifier.train
+        # early stopping selects an epoch: it implies keeping the best one
+        train_cfg = replace(train, epochs=plan.epochs, patience=plan.patience or train.patience,
+                            keep="best" if plan.patience else train.keep)
         result = fit(model, train_ds, val_ds, train_cfg, loss=self.loss_kind,
                      metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info,
                      name=f"{CLASSIFIER} gen {gen} fold {plan.fold}")
@@ -182,7 +186,7 @@ class ClassifierTask(Task):
         write_json(out_dir / HISTORY, {"history": result.history, "best_metric": result.best_metric,
                                        "epochs_run": result.epochs_run})
         return {"best_metric": result.best_metric, "epochs_run": result.epochs_run, "model": name,
-                "train_images": len(set(train.image_ids)), "train_samples": len(train.image_ids)}
+                "train_images": len(set(training.image_ids)), "train_samples": len(training.image_ids)}
 
     def validation_metric(self) -> Callable[[np.ndarray, np.ndarray], float]:
         """Validation metric for early stopping: macro AUC, falling back to accuracy when undefined."""
@@ -256,8 +260,10 @@ class ClassifierTask(Task):
         selection = pseudo.select_pseudo(probs["image_id"].tolist(), probs[cols].to_numpy().reshape(-1, len(cols)),
                                          mode=mode, class_names=classes, confidence=pc.confidence, thresholds=thresholds)
         selection["rule"] = np.where(selection["kept"], "threshold" if thresholds is not None else "confidence", "")
+        labeled = table.study_targets(self.labeled_ids())
         starving = pseudo.starving_classes(selection, support, num_classes=len(classes),
-                                           min_support=pc.min_oof_support if thresholds is not None else 0)
+                                           min_support=pc.min_oof_support if thresholds is not None else 0,
+                                           present=np.flatnonzero(np.nan_to_num(labeled).max(axis=0) >= 0.5))
         fallback_k = 0
         if starving and pc.fallback == "top_k" and len(selection):
             fallback_k = pseudo.fallback_size(selection, list(starving), fixed=pc.fallback_k)

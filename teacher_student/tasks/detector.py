@@ -23,7 +23,7 @@ from ...datasets.table import ItemTable
 from ...loops.crossfit import FoldPlan
 from ...loops.det_metrics import mean_average_precision, true_positive_mask
 from .. import pseudo
-from ..config import ladder_value, matched_epochs
+from ..config import detector_preprocess, ladder_value, matched_epochs
 from ..detectors import create_detector, load_detector
 from ..evaluation import box_truth_precision, box_truth_precision_per_class
 from ..fusion import fuse_boxes
@@ -65,6 +65,11 @@ class DetectorTask(Task):
 
     def model_name(self, gen: int) -> str:
         return ladder_value(self.cfg.detector.ladder, gen)
+
+    @property
+    def load(self):
+        """Images as the detectors read them: cached at the detector's input size."""
+        return self.ctx.loader(detector_preprocess(self.cfg))
 
     def student_steps(self) -> float:
         return self.cfg.detector.student_steps
@@ -112,7 +117,7 @@ class DetectorTask(Task):
         gen, boxes = plan.train.generation, plan.train.boxes
         name = self.model_name(gen)
         detector = create_detector(dc.kind, name, len(self.table.box_classes), list(self.table.box_classes), dc.img_size)
-        result = detector.fit(list(plan.train_ids), list(plan.val_ids), boxes, self.ctx.loader(), out_dir / "work",
+        result = detector.fit(list(plan.train_ids), list(plan.val_ids), boxes, self.load, out_dir / "work",
                               epochs=plan.epochs, batch_size=dc.batch_size, lr=dc.lr, img_size=dc.img_size,
                               randaugment_n=ladder_value(dc.randaugment_n, gen),
                               randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
@@ -130,7 +135,7 @@ class DetectorTask(Task):
         if not ids:
             return pd.DataFrame(columns=[*BOX_OUT, "model"])
         detector = load_detector(fold_dir / DETECTOR_CHECKPOINT, str(self.ctx.device))
-        raw = detector.predict(ids, self.ctx.loader(), tta_hflip=self.flip_tta, conf_floor=self.cfg.detector.conf_floor,
+        raw = detector.predict(ids, self.load, tta_hflip=self.flip_tta, conf_floor=self.cfg.detector.conf_floor,
                                device=str(self.ctx.device), batch_size=self.cfg.detector.batch_size)
         return raw.assign(model=[f"f{fold}/{v}" for v in raw["view"]])[[*BOX_OUT, "model"]]
 
@@ -191,9 +196,13 @@ class DetectorTask(Task):
         negatives / uncertain images."""
         dc, classes = self.cfg.detector, self.table.box_classes
         n = len(classes)
-        thresholds = pseudo.box_thresholds(matched, num_classes=n, target_precision=dc.target_precision)
+        thresholds = np.maximum(pseudo.box_thresholds(matched, num_classes=n, target_precision=dc.target_precision),
+                                dc.threshold_floor)
         kept = fused[fused["score"].to_numpy() >= thresholds[fused["class_id"].to_numpy(int)]] if len(fused) else fused
-        starving = pseudo.box_starving_classes(matched, kept, num_classes=n, min_support=dc.min_oof_support)
+        gt = training_boxes(self.table)
+        present = np.unique(gt.loc[gt["image_id"].isin(set(self.labeled_ids())), "class_id"].to_numpy(int))
+        starving = pseudo.box_starving_classes(matched, kept, num_classes=n, min_support=dc.min_oof_support,
+                                               present=present)
         used = thresholds
         if starving and dc.fallback == "top_k":
             counts = kept.groupby("class_id").size().drop(list(starving), errors="ignore")
