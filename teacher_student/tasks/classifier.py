@@ -86,10 +86,15 @@ class ClassifierTask(Task):
 
     # ------------------------------------------------------------------ plans
     def payload(self, gen: int) -> dict:
-        cfg = self.cfg
-        return {"classifier": config_to_dict(cfg.classifier), "augment": config_to_dict(cfg.augment),
-                "pre": config_to_dict(cfg.preprocess), "pseudo": config_to_dict(cfg.pseudo), "seed": cfg.run.seed,
-                "gen": gen}
+        """What makes generation ``gen``'s models: its own rung of every ladder, not the ladders, so
+        a change to a student's recipe (or to how pseudo labels are chosen, which reaches training
+        through the training set's own fingerprint) never retrains the teacher."""
+        cfg, c = self.cfg, self.cfg.classifier
+        return {"model": self.model_name(gen), "drop_rate": ladder_value(c.drop_rate, gen),
+                "drop_path_rate": ladder_value(c.drop_path_rate, gen), "pretrained": c.pretrained, "loss": c.loss,
+                "randaugment": [ladder_value(cfg.augment.randaugment_n, gen), ladder_value(cfg.augment.randaugment_m, gen)],
+                "tta_hflip": cfg.augment.tta_hflip, "train": config_to_dict(c.train), "pre": config_to_dict(cfg.preprocess),
+                "seed": cfg.run.seed, "gen": gen}
 
     def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None, extra_ids: Sequence[str] = (),
                    *, steps_factor: float | None = None, patience: int = 0) -> list[FoldPlan]:

@@ -84,9 +84,14 @@ class DetectorTask(Task):
 
     # ------------------------------------------------------------------ plans
     def payload(self, gen: int) -> dict:
-        cfg = self.cfg
-        return {"detector": config_to_dict(cfg.detector), "augment": config_to_dict(cfg.augment),
-                "pre": config_to_dict(cfg.preprocess), "seed": cfg.run.seed, "gen": gen}
+        """What makes generation ``gen``'s detectors and their predictions: its own rung of every
+        ladder and the training and prediction settings, not the pseudo-box selection ones."""
+        cfg, dc = self.cfg, self.cfg.detector
+        keys = ("kind", "img_size", "batch_size", "lr", "hflip", "conf_floor", "iou_thr", "skip_box_thr", "conf_type")
+        return {"model": self.model_name(gen), **{k: getattr(dc, k) for k in keys},
+                "randaugment": [ladder_value(dc.randaugment_n, gen), ladder_value(dc.randaugment_m, gen)],
+                "tta_hflip": cfg.augment.tta_hflip, "pre": config_to_dict(detector_preprocess(cfg)),
+                "seed": cfg.run.seed, "gen": gen}
 
     def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None, extra_ids: Sequence[str] = (),
                    *, steps_factor: float | None = None, patience: int = 0) -> list[FoldPlan]:
