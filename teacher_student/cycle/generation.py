@@ -15,7 +15,7 @@ from ..tasks.base import Task
 
 
 def train_generation(ctx: RunContext, task: Task, gen: int, pseudo_dir: Path | None, teacher: Path | None, *,
-                     task_dir: Path | None = None, extra_ids: Sequence[str] = (), steps_factor: float = 1.0,
+                     task_dir: Path | None = None, extra_ids: Sequence[str] = (), steps_factor: float | None = None,
                      patience: int = 0) -> Path:
     """Train (or reuse) generation ``gen`` of ``task`` and predict; return its predictions dir.
 
