@@ -127,7 +127,8 @@ def test_unlabeled_duplicates_are_reported_and_get_no_fold():
 def test_fewer_groups_than_folds_fails_with_one_line():
     items = _synthetic_items(6).assign(patient_id=["p0", "p0", "p1", "p1", "p2", "p2"])
     hashes = pd.DataFrame({"image_id": items["image_id"], "pixel_hash": list("abcdef")})
-    with pytest.raises(DataError, match="only 3 patient/duplicate groups .* fewer than k=5"):
+    with pytest.raises(DataError, match="folds.k=5: the 6 labeled images form only 3 patient/duplicate groups, fewer "
+                                        "than k=5 folds"):
         assign_folds(items, hashes, k=5, seed=0)
 
 
