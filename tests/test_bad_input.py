@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import importlib.util
 import logging
+import re
 import shutil
 import struct
 import subprocess
@@ -436,7 +437,7 @@ ONE_LINE = {  # kind -> (spoil(root), config changes, the line: file and problem
                                  "folds.k=7: the 6 labeled images form only 6 patient/duplicate groups"),
     "every image quarantined": (lambda r: _write(r / "images.csv", [line.replace("images/", "../images/") for line in
                                                                      _lines(r / "images.csv")]), {},
-                                "data: 6 of 6 images were quarantined and no labeled image is left (top reasons: 6x "
+                                "data: 6 of 6 image ids were quarantined and no labeled image is left (top reasons: 6x "
                                 "image path '…' escapes the data root …"),
     "unclosed quote": (lambda r: _append(r / "images.csv", 'bad,"images/x.png,p9,sick,'), {},
                        "images.csv, row 8: not readable CSV (unexpected end of data)"),
@@ -585,9 +586,39 @@ def test_run_with_quarantined_rows_completes_the_data_stage_and_reports_them(roo
         assert sum(expected in p for p in problems) == 1, (expected, problems)
     assert set(run.folds.index) == {f"g{i}" for i in range(6)} and set(run.folds) == {0, 1}
     assert "5 input rows/files quarantined (see data/quarantine.csv)" in caplog.text
+    assert "row nan" not in caplog.text and not re.search(r"row \d+\.0", caplog.text)  # rows read back as integers
+    assert str(run.table.quarantine["row"].dtype) == "Int64"
     check_accounting(root, run.table, tmp_path / "run")
     again = prepare(engine_config(root, tmp_path / "run"))
     assert again.records[0]["skipped"] and len(again.table.quarantine) == 5
+
+
+def test_a_box_only_labeled_image_is_not_a_classifier_target_but_is_predicted(root, tmp_path):
+    """load_generic accepts a labeled image with boxes and no study label; the classifier must not
+    train on its NaN target (it did, and the loss went NaN), yet must predict it: the detector's
+    negatives and the gate read P(abnormal) of every image."""
+    from cxr_noisy_student.teacher_student.tasks.classifier import ClassifierTask
+
+    _file_row(root, "boxonly.png", label="", image_id="boxonly", role="labeled")
+    _append(root / "labels.csv", "boxonly,lesion,8,12,40,36")
+    ctx = prepare(engine_config(root, tmp_path / "run"))
+    task = ClassifierTask(ctx)
+    assert "boxonly" in ctx.labeled_ids and "boxonly" not in task.labeled_ids() and "boxonly" in task.pool_ids()
+    for plan in task.fold_plans(0, None, None):
+        assert "boxonly" not in plan.train_ids and np.isfinite(plan.train.targets).all()
+
+
+@pytest.mark.parametrize("policy", ["exclude", "report"])
+def test_a_test_image_that_copies_a_training_image_is_reported_and_by_default_not_scored(root, tmp_path, policy):
+    shutil.copy(root / "images" / "g0.png", root / "images" / "copy.png")  # filed under another patient
+    _append(root / "images.csv", "copy,images/copy.png,p77,sick,test")
+    _append(root / "images.csv", "fresh,images/g5.png,p78,well,test")  # g5's file again, under another id: also a copy
+    cfg = engine_config(root, tmp_path / "run")
+    ctx = prepare(dataclasses.replace(cfg, folds=dataclasses.replace(cfg.folds, test_duplicates=policy)))
+    report = read_json(tmp_path / "run" / "data" / "fold_report.json")
+    assert report["test_duplicates_of_training"] == ["copy", "fresh"]
+    assert {"image_a": "g0", "role_a": "labeled", "image_b": "copy", "role_b": "test"} in report["cross_role_pairs"]
+    assert ctx.scored_test_ids() == ([] if policy == "exclude" else ["copy", "fresh"])
 
 
 # ---------------------------------------------------------------------------- the command line

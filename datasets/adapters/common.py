@@ -70,6 +70,8 @@ def read_csv_checked(path: Path, required: Sequence[str], q: Quarantine | None =
         raise DataError(f"{path}: the file is empty (expected columns {list(required)})")
     records = _csv_records(path, text, _delimiter(path, text, required))
     header = [c.strip() for c in records[0][0]]
+    while header and header[-1] == "":  # a spreadsheet's trailing separator: no column
+        header.pop()
     check_columns(path, header, required)
     named = [i for i, c in enumerate(header) if c]
     rows, width = [], len(header)

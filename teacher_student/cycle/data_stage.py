@@ -133,7 +133,7 @@ def check_enough_left(table: ItemTable) -> None:
     kinds = q["problem"].map(problem_kind).value_counts()
     reasons = "; ".join(f"{n}x {kind}" for kind, n in kinds.head(3).items())
     left = "no labeled image is left" if not labeled else f"{len(table.items)} images are left"
-    raise DataError(f"data: {len(rejected)} of {total} images were quarantined and {left} (top reasons: {reasons}); "
+    raise DataError(f"data: {len(rejected)} of {total} image ids were quarantined and {left} (top reasons: {reasons}); "
                     f"first: {format_problem(q.iloc[0].to_dict())}" if len(q) else
                     f"data: no labeled image in {total} images (every image has role unlabeled or test)")
 

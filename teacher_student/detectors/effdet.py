@@ -45,10 +45,18 @@ class EffdetDetector(Detector):
         self.mean, self.std = float(self.preprocess["mean"]), float(self.preprocess["std"])
 
     def _create(self, bench_task: str):
-        import effdet
+        """The effdet model (in its bench) at this size. Its post-processing takes the top
+        ``max_detection_points`` (5000) class scores over all anchors; a small input with few
+        classes has fewer (128 px, one class: 3069), so the count is capped to what exists (else
+        torch.topk fails on the first validation or prediction)."""
+        from effdet import create_model_from_config, get_efficientdet_config
 
-        return effdet.create_model(
-            self.name, bench_task=bench_task, num_classes=self.num_classes, image_size=(self.img_size, self.img_size),
+        config = get_efficientdet_config(self.name)
+        anchors = config.num_scales * len(config.aspect_ratios) * sum(
+            (self.img_size // 2**level) ** 2 for level in range(config.min_level, config.max_level + 1))
+        config.max_detection_points = min(config.max_detection_points, anchors * self.num_classes)
+        return create_model_from_config(
+            config, bench_task=bench_task, num_classes=self.num_classes, image_size=(self.img_size, self.img_size),
             pretrained=False, pretrained_backbone=False, bench_labeler=bench_task == "train",
         )
 

@@ -258,7 +258,8 @@ def training_set(gt: pd.DataFrame, train_ids: list[str], pseudo_boxes: pd.DataFr
         chosen = pseudo_images[pseudo_images["status"].isin(["boxes", "negative"])]["image_id"].tolist()
         ids += chosen
         boxes.append(pseudo_boxes[pseudo_boxes["image_id"].isin(set(chosen))][["image_id", "class_id", *BOX_COLUMNS]])
-    return ids, pd.concat(boxes, ignore_index=True)
+    dtypes = {"class_id": "int64", **{c: "float32" for c in BOX_COLUMNS}}  # an empty pseudo table reads as text
+    return ids, pd.concat([b.astype(dtypes) for b in boxes], ignore_index=True)
 
 
 def p_abnormal(table: ItemTable, cls_pred: Path, fold: int | None = None) -> pd.Series:
