@@ -84,9 +84,15 @@ def write_table(path: str | Path, df: pd.DataFrame) -> None:
         df.to_csv(tmp, index=False, compression="gzip" if str(path).endswith(".gz") else None)
 
 
-ID_COLUMNS = {"image_id": str, "patient_id": str, "source": str, "models": str}
+ID_COLUMNS = {"image_id": str, "patient_id": str, "study_id": str, "source": str, "models": str}
 
 
 def read_table(path: str | Path, **kwargs: Any) -> pd.DataFrame:
-    """Read a table written by write_table; id columns stay strings ("0001" must not become 1)."""
-    return pd.read_csv(path, dtype={**ID_COLUMNS, **kwargs.pop("dtype", {})}, keep_default_na=True, **kwargs)
+    """Read a table written by write_table; id columns stay strings ("0001" must not become 1).
+
+    Only an empty cell is missing (what ``write_table`` writes for NaN/None): pandas' default would
+    also read the ids "NA", "null", "nan" or "None" as missing, and a patient or image of that
+    name would vanish into NaN.
+    """
+    return pd.read_csv(path, dtype={**ID_COLUMNS, **kwargs.pop("dtype", {})}, keep_default_na=False,
+                       na_values=[""], **kwargs)

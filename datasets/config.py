@@ -5,13 +5,19 @@ the results it made, which is what makes stages resumable (a stage's outputs are
 the config slice that made them is identical). The sections live next to the layer that reads
 them; ``teacher_student.config`` composes them into ``EngineConfig`` and loads YAML. Imports
 nothing of the project.
+
+Ranges: a field's ``metadata`` declares the values it accepts, next to the field (``ge``/``gt``/
+``le``/``lt`` bounds, applied to every entry of a tuple; ``len``/``min_len`` for tuples), and
+``teacher_student.config`` checks them at load with the full key in the message. Every float must
+also be finite. Rules across fields live in ``teacher_student.config.check_config``.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, is_dataclass
+import math
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal
 
 
@@ -37,15 +43,19 @@ class DataConfig:
     """Detector class names; empty: taken from the adapter."""
     fuse_radiologists: bool = True
     """VinBigData: fuse the boxes of several radiologists with WBF (as the top solutions did)."""
-    radiologist_iou_thr: float = 0.4
+    radiologist_iou_thr: float = field(default=0.4, metadata={"gt": 0, "le": 1})
     """WBF IoU threshold when fusing radiologists' boxes."""
-    demo_counts: tuple[int, ...] = (120, 360, 120)
+    demo_counts: tuple[int, ...] = field(default=(120, 360, 120), metadata={"ge": 1, "len": 3})
     """Demo format only: labeled, unlabeled and held-out test images generated into root."""
-    demo_image_size: int = 256
+    demo_image_size: int = field(default=256, metadata={"ge": 64})
     """Demo format only: pixel size of the generated DICOMs."""
-    demo_seed: int = 0
+    demo_seed: int = field(default=0, metadata={"ge": 0})
     """Demo format only: seed of the generated dataset (bench_gain varies it with run.seed)."""
-    test_fraction: float = 0.0
+    demo_layout: Literal["vinbigdata", "siim"] = "vinbigdata"
+    """Demo format only: the Kaggle layout the generated dataset is written in and read back through:
+    VinBigData (train.csv of radiologists' boxes) or SIIM-COVID19 (study/series/image DICOM tree,
+    study-level and image-level CSVs, one 'opacity' box class, four study classes)."""
+    test_fraction: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     """Hold out about this fraction of the labeled images as the test role, whole patient and
     duplicate groups at a time (for data without a test part; 0: none). Test images are never
     trained on; every generation and reference model is scored on them."""
@@ -59,31 +69,64 @@ class DataConfig:
     on_bad_input: Literal["quarantine", "error"] = "quarantine"
     """quarantine: bad rows are set aside and reported; error: the first bad row stops the run."""
 
+    @property
+    def layout(self) -> str:
+        """The layout the data is read in: the format, or for the demo the layout it is generated in."""
+        return self.demo_layout if self.format == "demo" else self.format
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How a source image becomes the array the models read. Saved in every checkpoint."""
 
-    size: int = 512
+    size: int = field(default=512, metadata={"ge": 8})
     """Images are resized to size x size (normalized boxes are unchanged by this)."""
-    percentile_clip: tuple[float, float] = (0.5, 99.5)
+    percentile_clip: tuple[float, float] = field(default=(0.5, 99.5), metadata={"ge": 0, "le": 100, "len": 2})
     """Applied when a DICOM has no window/VOI LUT: robust min-max over these percentiles."""
     mean: float = 0.5
     """Normalisation of the [0, 1] image: (x - mean) / std."""
-    std: float = 0.25
+    std: float = field(default=0.25, metadata={"gt": 0})
     """See mean."""
 
 
 @dataclass(frozen=True)
 class FoldConfig:
-    k: int = 5
+    k: int = field(default=5, metadata={"ge": 2})
     """Number of folds: k teachers, each labeled image predicted out-of-fold once."""
-    seed: int = 42
+    seed: int = field(default=42, metadata={"ge": 0})
     """Seed of the stratified grouped fold split."""
-    phash_max_distance: int = 4
+    phash_max_distance: int = field(default=4, metadata={"ge": 0, "le": 64})
     """DCT perceptual-hash Hamming distance (of 64 bits) up to which two images are one duplicate
     group (pixel-identical images always are). Measured on the shared set: re-encoded copies at 0,
     a known near-duplicate at 2, the closest unrelated films at 6; see datasets/cache.py."""
+    test_duplicates: Literal["exclude", "report"] = "exclude"
+    """A test image in one patient/duplicate group with a labeled (training) image: exclude leaves it
+    out of every test metric (it would score what the models memorised), report only lists it in
+    data/fold_report.json (test_duplicates_of_training) and the log."""
+
+
+RANGE_RULES = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+               "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+"""The bounds a field's ``metadata`` may declare; ``len``/``min_len`` count a tuple's entries."""
+
+
+def range_problem(value: Any, rules: Any) -> str | None:
+    """What is wrong with a field's value given the range in its metadata (each entry of a tuple
+    checked; every number must be finite), or None."""
+    values = value if isinstance(value, tuple) else (value,)
+    if "len" in rules and len(values) != rules["len"]:
+        return f"give {rules['len']} values, got {len(values)} ({list(values)})"
+    if len(values) < rules.get("min_len", 0):
+        return f"give at least {rules['min_len']} value(s), got none"
+    for v in (v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)):
+        shown, each = (list(values), "each value ") if isinstance(value, tuple) else (value, "")
+        if not math.isfinite(v):
+            return f"{shown!r} is not a finite number"
+        broken = [f"{sign} {rules[name]}" for name, (ok, sign) in RANGE_RULES.items() if name in rules
+                  and not ok(v, rules[name])]
+        if broken:
+            return f"{shown!r} is out of range: {each}must be {' and '.join(broken)}"
+    return None
 
 
 def config_to_dict(cfg: Any) -> dict:

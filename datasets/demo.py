@@ -54,6 +54,8 @@ MANIFEST = "demo_manifest.json"
 PARTIAL_MARKER = ".demo_partial"
 SPLIT_DIRS = {"labeled": "train", "unlabeled": "test", "holdout": "holdout"}
 CSV_OF = {"labeled": "train.csv", "unlabeled": "unlabeled_truth.csv", "holdout": "holdout.csv"}
+SIIM_CSVS = tuple(f"{p}_{kind}_level.csv" for p in ("train", "holdout", "unlabeled_truth") for kind in ("study", "image"))
+"""The CSVs of the SIIM-layout demo (``datasets.demo_siim``), which shares this folder's clean-up."""
 
 NORMAL_FRACTION = 0.45
 RADIOLOGISTS = tuple(f"R{i}" for i in range(1, 18))
@@ -262,7 +264,7 @@ def _clear(root: Path) -> None:
         raise DataError(f"{root}: folder is not empty and holds no demo dataset; choose an empty or new folder")
     for name in SPLIT_DIRS.values():
         shutil.rmtree(root / name, ignore_errors=True)
-    for name in ("train.csv", "holdout.csv", "unlabeled_truth.csv", MANIFEST):
+    for name in ("train.csv", "holdout.csv", "unlabeled_truth.csv", *SIIM_CSVS, MANIFEST):
         (root / name).unlink(missing_ok=True)
 
 

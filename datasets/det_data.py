@@ -52,12 +52,12 @@ def boxes_by_image(boxes_df: pd.DataFrame | None, image_ids: Sequence[str], num_
         row = int(np.flatnonzero(bad)[0])
         problem = box_problem(*(float(v) for v in coords[row]), tol=0.0)
         raise DataError(f"boxes, row {df.index[row]} (image {df['image_id'].iloc[row]}): {problem}")
-    classes = df["class_id"].to_numpy()
+    classes = df["class_id"].to_numpy(dtype=np.float64)  # an object column (an empty table's, concatenated) too
     bad = (classes < 0) | (classes != np.round(classes)) | (classes >= (num_classes if num_classes else np.inf))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         limit = f"0..{num_classes - 1}" if num_classes else "a non-negative integer"
-        raise DataError(f"boxes, row {df.index[row]} (image {df['image_id'].iloc[row]}): class_id {classes[row]} is not {limit}")
+        raise DataError(f"boxes, row {df.index[row]} (image {df['image_id'].iloc[row]}): class_id {classes[row]:g} is not {limit}")
     for image_id, group in df.groupby(df["image_id"].astype(str), sort=False):
         out[image_id] = (group[BOX_COLUMNS].to_numpy(np.float32), group["class_id"].to_numpy(np.int64))
     return out

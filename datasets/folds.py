@@ -41,7 +41,9 @@ class FoldAssignment:
         groups: image_id -> group id, every image of ``items`` (so a caller can also see when an
             unlabeled or test image is tied to a labeled one).
         report: JSON-ready dict: counts, cross-patient duplicate groups, label conflicts between
-            identical images, duplicates across roles, fold sizes per stratum, sklearn warnings.
+            identical images, duplicates across roles (``cross_role_pairs``; the test images among
+            them that duplicate a labeled, i.e. training, image: ``test_duplicates_of_training``),
+            fold sizes per stratum, sklearn warnings.
     """
 
     folds: pd.Series
@@ -174,8 +176,8 @@ def _split(strata: np.ndarray, groups: np.ndarray, k: int, seed: int) -> tuple[n
     """Fold per row with StratifiedGroupKFold; sklearn's warnings are returned for the report."""
     n_groups = len(np.unique(groups))
     if n_groups < k:
-        raise DataError(f"assign_folds: only {n_groups} patient/duplicate groups among the labeled images, "
-                        f"fewer than k={k} folds")
+        raise DataError(f"folds.k={k}: the {len(groups)} labeled images form only {n_groups} patient/duplicate "
+                        f"groups, fewer than k={k} folds (each fold needs one): label more patients or lower folds.k")
     folds = np.full(len(strata), -1, dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
@@ -190,7 +192,9 @@ def assign_folds(items: pd.DataFrame, hashes: pd.DataFrame, k: int, seed: int,
     """k folds of the labeled images, stratified by study label, never splitting a patient or duplicate.
 
     Args:
-        items: image_id, patient_id, role and the ``y:<class>`` study targets (an ItemTable's items).
+        items: image_id, patient_id, role and the ``y:<class>`` study targets (an ItemTable's items):
+            give every role, so that duplicates and patients shared with unlabeled and test images
+            are found too (only labeled images get a fold).
         hashes: image_id, pixel_hash, phash for (at least) the items' images; images without a
             hash are only grouped by patient (and listed in the report).
         k: number of folds.
@@ -265,7 +269,7 @@ def _duplicate_findings(items: pd.DataFrame, duplicates: pd.Series, label_cols: 
     one side has no study label are not conflicts: there is nothing to disagree with).
     """
     by_id = items.set_index("image_id")
-    cross_patient, cross_role, conflicts, n_groups = [], [], [], 0
+    cross_patient, cross_role, pairs, conflicts, n_groups = [], [], [], [], 0
     shared = duplicates[duplicates.map(duplicates.value_counts()) > 1]
     for _, members in shared.groupby(shared):
         n_groups += 1
@@ -276,11 +280,16 @@ def _duplicate_findings(items: pd.DataFrame, duplicates: pd.Series, label_cols: 
         if rows["role"].nunique() > 1:
             cross_role.append({"images": ids, "roles": rows["role"].tolist()})
         for a, b in itertools.combinations(ids, 2):
+            if rows.at[a, "role"] != rows.at[b, "role"]:
+                pairs.append({"image_a": a, "role_a": rows.at[a, "role"], "image_b": b, "role_b": rows.at[b, "role"]})
             label_a, label_b = _describe(by_id.loc[a], label_cols), _describe(by_id.loc[b], label_cols)
             if "unlabeled" not in (label_a, label_b) and label_a != label_b:
                 conflicts.append({"image_a": a, "image_b": b, "label_a": label_a, "label_b": label_b})
+    test_dups = sorted({p[f"image_{t}"] for p in pairs for t, o in (("a", "b"), ("b", "a"))
+                        if p[f"role_{t}"] == "test" and p[f"role_{o}"] == "labeled"})
     return {"duplicate_groups": n_groups, "cross_patient_duplicates": cross_patient,
-            "cross_role_duplicates": cross_role, "label_conflicts": conflicts}
+            "cross_role_duplicates": cross_role, "cross_role_pairs": pairs,
+            "test_duplicates_of_training": test_dups, "label_conflicts": conflicts}
 
 
 def _report(items: pd.DataFrame, duplicates: pd.Series, groups: pd.Series, folds: pd.Series, strata: np.ndarray,

@@ -76,10 +76,13 @@ class Quarantine:
 
 
 def format_problem(entry: dict) -> str:
+    """"<file>, row <n> (image <id>): <problem>", leaving out a row or id the entry does not have
+    (also when a table read back holds them as NaN: never "row nan" or "row 93.0")."""
     where = str(entry["file"])
-    if entry.get("row") is not None:
-        where += f", row {entry['row']}"
-    if entry.get("image_id"):
+    row = entry.get("row")
+    if row is not None and not pd.isna(row):
+        where += f", row {int(row)}"
+    if entry.get("image_id") is not None and not pd.isna(entry["image_id"]) and entry["image_id"] != "":
         where += f" (image {entry['image_id']})"
     return f"{where}: {entry['problem']}"
 
@@ -176,4 +179,11 @@ def load_table(directory: str | Path) -> ItemTable:
     boxes[BOX_COLUMNS] = boxes[BOX_COLUMNS].astype("float32")
     return ItemTable(items=items, boxes=boxes, study_classes=tuple(meta["study_classes"]),
                      box_classes=tuple(meta["box_classes"]), label_mode=meta["label_mode"],
-                     normal_class=meta["normal_class"], quarantine=read_table(directory / "quarantine.csv"))
+                     normal_class=meta["normal_class"], quarantine=load_quarantine(directory / "quarantine.csv"))
+
+
+def load_quarantine(path: str | Path) -> pd.DataFrame:
+    """quarantine.csv with its row numbers as integers (missing: <NA>), never floats."""
+    q = read_table(path)
+    q["row"] = pd.to_numeric(q["row"]).astype("Int64")
+    return q

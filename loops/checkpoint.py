@@ -117,15 +117,21 @@ def _load_strict(model: nn.Module, state: dict) -> str:
     return ""
 
 
-def preprocess_from_meta(meta: dict) -> PreprocessConfig:
-    """The PreprocessConfig a checkpoint was trained with (the cache to read for it)."""
+def preprocess_from_meta(meta: dict, *, where: str | Path | None = None) -> PreprocessConfig:
+    """The PreprocessConfig a checkpoint was trained with (the cache to read for it).
+
+    ``where``: the checkpoint file, named in the error.
+    """
+    at = f"{where}: " if where else ""
     pp = meta.get("preprocess")
-    if not isinstance(pp, dict):
-        raise CheckpointError(f"checkpoint meta has no preprocess section (got {type(pp).__name__})")
+    if not isinstance(pp, dict) or not pp:
+        raise CheckpointError(f"{at}checkpoint meta has no preprocess section (got {pp!r}): it predates checkpoints "
+                              "that carry their preprocessing; retrain it")
     known = {f.name for f in dataclasses.fields(PreprocessConfig)}
     unknown, missing = sorted(set(pp) - known), sorted(known - set(pp))
     if unknown or missing:  # defaults filling a gap would be exactly the silent mismatch to avoid
-        raise CheckpointError(f"checkpoint preprocess does not match PreprocessConfig (missing {missing}, unknown {unknown})")
+        raise CheckpointError(f"{at}checkpoint preprocess does not match PreprocessConfig (missing {missing}, "
+                              f"unknown {unknown})")
     values = dict(pp)
     if "percentile_clip" in values:
         values["percentile_clip"] = tuple(float(v) for v in values["percentile_clip"])

@@ -15,6 +15,17 @@ from ..datasets.errors import ConfigError
 _DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")
 
 
+def check_device_name(device: str | None, *, key: str = "run.device") -> str | None:
+    """Why a device name can never work on any machine (checked at config load), or None.
+
+    Whether this machine has the CUDA device named is :func:`resolve_device`'s question, asked
+    when the run starts: a saved config must still load on a machine without one (its report).
+    """
+    if device is None or str(device) == "auto" or _DEVICE_NAME.fullmatch(str(device)):
+        return None
+    return f"{key} {str(device)!r}: not a device; use auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str | torch.device | None, *, key: str = "run.device") -> torch.device:
     """"auto"/None -> cuda when available, else cpu; "cpu", "cuda" and "cuda:N" as they are.
 
@@ -28,8 +39,9 @@ def resolve_device(device: str | torch.device | None, *, key: str = "run.device"
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = str(device)
-    if not _DEVICE_NAME.fullmatch(name):
-        raise ConfigError(f"{key} {name!r}: not a device; use auto, cpu, cuda or cuda:N")
+    problem = check_device_name(name, key=key)
+    if problem:
+        raise ConfigError(problem)
     resolved = torch.device(name)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():

@@ -7,16 +7,21 @@ the same fingerprint, so a killed run resumes where it stopped and never reads a
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..datasets.atomic import atomic_dir, read_json, write_json
+from ..datasets.errors import ConfigError
+from ..datasets.files import walk_files
 
 FAULT_ENV = "CXR_FAULT"
 """Fault injection for the kill/resume tests: ``CXR_FAULT=<stage path>@<point>`` SIGKILLs the process
@@ -35,7 +40,12 @@ def _fault_point(stage_dir: Path, point: str) -> None:
 
 
 def remove_leftovers(stage_dir: Path) -> None:
-    """Delete temporary directories/files a killed run left beside a stage (never read, only removed)."""
+    """Delete temporary directories/files a killed run left beside a stage (never read, only removed).
+
+    Only names of the form ``.<stage>.<random>.tmp`` (what ``datasets.atomic`` makes), and only
+    under the run lock (:func:`hold_lock`): a leftover can then only be one of this run folder's
+    own killed writers, never a live run's work in progress.
+    """
     for leftover in stage_dir.parent.glob(f".{stage_dir.name}.*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
@@ -96,10 +106,48 @@ def file_digest(*paths: Path) -> str:
 
 
 def source_digest(root: Path) -> str:
-    """Cheap digest of a data root (names, sizes, mtimes), so edited inputs redo the data stage."""
+    """Cheap digest of a data root (names, sizes, mtimes), so edited inputs redo the data stage.
+
+    Links are followed (an image folder linked into the root counts), each real folder once; a
+    dangling link or a link loop is part of the digest as such, never an error here: the adapters
+    name it when they read the files.
+    """
     h = hashlib.sha256()
-    for dirpath, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            st = os.stat(os.path.join(dirpath, name))
-            h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for path, st in sorted(walk_files(root), key=lambda entry: str(entry[0])):
+        state = f"{st.st_size}:{st.st_mtime_ns}" if st is not None else "unreachable"
+        h.update(f"{os.path.relpath(path, root)}:{state}".encode())
     return h.hexdigest()[:16]
+
+
+class FolderBusy(ConfigError):
+    """Another process holds the lock of a folder; the message names it (pid, host)."""
+
+
+@contextlib.contextmanager
+def hold_lock(lock_file: Path, *, what: str) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``lock_file`` for the block, or refuse at once.
+
+    Why: two runs writing into one folder delete each other's temporary stage folders and mix
+    their outputs. The lock is the kernel's (released when the process dies, even by SIGKILL, so a
+    killed run never leaves a stale lock); the file only names the holder for the refusal.
+
+    Raises:
+        FolderBusy: one line naming ``what`` is locked and the process holding it.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = " ".join(f.read().split()) or "an unknown process"
+            raise FolderBusy(f"{what}: another run ({holder}) is writing into this folder; wait for it to end "
+                             "or choose another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

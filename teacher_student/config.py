@@ -10,15 +10,17 @@ from __future__ import annotations
 import difflib
 import json
 import typing
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from ..datasets.config import DataConfig, FoldConfig, PreprocessConfig, config_to_dict, fingerprint
+from ..datasets.config import DataConfig, FoldConfig, PreprocessConfig, config_to_dict, fingerprint, range_problem
 from ..datasets.errors import ConfigError
 from ..loops.config import TrainConfig
+from ..loops.device import check_device_name
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 """The built-in configs: ``demo.yaml`` (the default of ``run_cycle.py``) and worked examples."""
@@ -26,17 +28,18 @@ PRESETS = Path(__file__).resolve().parent / "presets"
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    ladder: tuple[str, ...] = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3")
+    ladder: tuple[str, ...] = field(default=("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"),
+                                    metadata={"min_len": 1})
     """timm model per generation: ladder[0] is the cycle-0 teacher, ladder[c] the student of cycle c."""
-    drop_rate: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4)
+    drop_rate: tuple[float, ...] = field(default=(0.0, 0.2, 0.3, 0.4), metadata={"ge": 0, "lt": 1, "min_len": 1})
     """Dropout before the classifier head, per generation (student noise)."""
-    drop_path_rate: tuple[float, ...] = (0.0, 0.1, 0.2, 0.2)
+    drop_path_rate: tuple[float, ...] = field(default=(0.0, 0.1, 0.2, 0.2), metadata={"ge": 0, "lt": 1, "min_len": 1})
     """Stochastic depth, per generation (student noise)."""
     pretrained: str = ""
     """Empty: random init. 'timm' downloads timm's weights; a path loads a local state dict."""
     loss: Literal["auto", "softmax", "bce"] = "auto"
     """auto: softmax cross-entropy for multiclass labels, BCE for multilabel."""
-    student_steps: float = 1.0
+    student_steps: float = field(default=1.0, metadata={"gt": 0})
     """Optimizer steps of students (generation >= 1) and of the ablation, as a multiple of the
     teacher's (train.epochs over the teacher's images). Noisy Student trains its students longer:
     pseudo labels add images, and a student that sees each of them less often than the teacher saw
@@ -46,9 +49,9 @@ class ClassifierConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    randaugment_n: tuple[int, ...] = (0, 2, 2, 3)
+    randaugment_n: tuple[int, ...] = field(default=(0, 2, 2, 3), metadata={"ge": 0, "min_len": 1})
     """Number of RandAugment ops per generation (0: the light teacher transforms only)."""
-    randaugment_m: tuple[int, ...] = (0, 9, 12, 15)
+    randaugment_m: tuple[int, ...] = field(default=(0, 9, 12, 15), metadata={"ge": 0, "le": 30, "min_len": 1})
     """RandAugment magnitude (0..30) per generation."""
     tta_hflip: bool = True
     """Average predictions over the image and its horizontal flip."""
@@ -60,28 +63,36 @@ class PseudoConfig:
 
     mode: Literal["soft", "hard"] = "soft"
     """soft: teacher probabilities (sharpened by temperature) as targets; hard: one-hot argmax."""
-    temperature: float = 1.0
+    temperature: float = field(default=1.0, metadata={"gt": 0})
     """Applied at read time to the stored raw probabilities (<1 sharpens)."""
-    labeled_blend: float = 0.3
+    labeled_blend: float = field(default=0.3, metadata={"ge": 0, "le": 1})
     """Student target for labeled images: (1 - w) * ground truth + w * OOF soft label."""
-    confidence: float = 0.5
+    confidence: float = field(default=0.5, metadata={"ge": 0, "le": 1})
     """Keep unlabeled images whose top probability reaches this (ignored if target_precision > 0)."""
-    target_precision: float = 0.0
+    target_precision: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """If > 0, per class the lowest threshold whose OOF precision reaches it."""
     balance: bool = True
     """Noisy-Student balancing: duplicate up to the per-class count, keep the most confident."""
-    per_class: int = 0
+    per_class: int = field(default=0, metadata={"ge": 0})
     """Images per class after balancing; 0: the median of the kept per-class counts."""
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata={"ge": 0})
     """Loss weight of pseudo-labeled images relative to labeled ones."""
-    min_oof_support: int = 10
+    min_oof_support: int = field(default=10, metadata={"ge": 0})
     """A class threshold read from fewer OOF predictions than this is weak evidence: the class is
     flagged (log, summary, report) and treated as starving."""
     fallback: Literal["top_k", "none"] = "top_k"
     """A starving class (keeps nothing, or weak evidence): top_k keeps its fallback_k most confident
     pool images instead (Noisy Student's rule), flagged as such; none: it keeps nothing (flagged)."""
-    fallback_k: int = 0
+    fallback_k: int = field(default=0, metadata={"ge": 0})
     """Images a starving class keeps with fallback top_k; 0: the median kept count of the others."""
+
+
+YOLO_LADDER = ("yolov8n.yaml", "yolov8s.yaml", "yolov8m.yaml", "yolov8m.yaml")
+EFFDET_LADDER = ("tf_efficientdet_d0", "tf_efficientdet_d1", "tf_efficientdet_d2", "tf_efficientdet_d2")
+"""The default detector ladder of each kind: ``detector.kind: effdet`` without a ladder of its own
+(or with the YOLO default) gets the effdet one."""
+DETECTOR_STRIDE = {"yolo": 32, "effdet": 128}
+"""``detector.img_size`` must be a multiple of the kind's largest stride (effdet's pyramid goes to 2**7)."""
 
 
 @dataclass(frozen=True)
@@ -90,58 +101,59 @@ class DetectorConfig:
     """Train detectors (needs box classes and box-labeled images)."""
     kind: Literal["yolo", "effdet"] = "yolo"
     """yolo (ultralytics, built from YAML) or effdet (efficientdet-pytorch)."""
-    ladder: tuple[str, ...] = ("yolov8n.yaml", "yolov8s.yaml", "yolov8m.yaml", "yolov8m.yaml")
-    """Per generation: an ultralytics YAML (or local .pt) or an effdet name (tf_efficientdet_d0...)."""
-    img_size: int = 512
+    ladder: tuple[str, ...] = field(default=YOLO_LADDER, metadata={"min_len": 1})
+    """Per generation: an ultralytics YAML (or local .pt) or an effdet name (tf_efficientdet_d0...);
+    with kind effdet the default is tf_efficientdet_d0 -> d1 -> d2."""
+    img_size: int = field(default=512, metadata={"ge": 32})
     """Detector input size (YOLO: multiple of 32; effdet: multiple of 128)."""
-    epochs: int = 20
+    epochs: int = field(default=20, metadata={"ge": 1})
     """Detector training epochs (teachers; see student_steps)."""
-    student_steps: float = 1.0
+    student_steps: float = field(default=1.0, metadata={"gt": 0})
     """As classifier.student_steps: optimizer steps of detector students and the ablation as a
     multiple of the teacher's."""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"ge": 1})
     """Images per detector step."""
-    lr: float = 1e-3
+    lr: float = field(default=1e-3, metadata={"gt": 0})
     """Detector learning rate."""
-    conf_floor: float = 0.01
+    conf_floor: float = field(default=0.01, metadata={"ge": 0, "le": 1})
     """Predictions below this score are not kept at all (low, so that WBF and thresholds decide)."""
-    iou_thr: float = 0.55
+    iou_thr: float = field(default=0.55, metadata={"gt": 0, "le": 1})
     """WBF: boxes of one class overlapping more than this are fused."""
-    skip_box_thr: float = 0.01
+    skip_box_thr: float = field(default=0.01, metadata={"ge": 0, "le": 1})
     """WBF: predictions scoring below this are ignored."""
     conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
     """WBF score rule; avg divides by the number of models, so boxes few folds saw score low."""
-    metric_iou: float = 0.4
+    metric_iou: float = field(default=0.4, metadata={"gt": 0, "le": 1})
     """mAP IoU: 0.4 VinBigData, 0.5 SIIM."""
-    target_precision: float = 0.8
+    target_precision: float = field(default=0.8, metadata={"ge": 0, "le": 1})
     """Per-class pseudo-box score threshold: the lowest that reaches this precision on OOF."""
-    threshold_floor: float = 0.0
+    threshold_floor: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """A per-class box threshold is never set below this. Why: the low end of an OOF precision curve
     is read from a handful of boxes (measured on the demo: thresholds of 0.03-0.07 chosen on about 11
     OOF boxes kept pool boxes of 0.42-0.85 precision against a 0.8 target)."""
-    negative_max_p_abnormal: float = 0.2
+    negative_max_p_abnormal: float = field(default=0.2, metadata={"ge": 0, "le": 1})
     """An unlabeled image with no kept box and P(abnormal) below this becomes a negative."""
-    uncertain_floor: float = 0.0
+    uncertain_floor: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """An image with a box scoring from this up but below its class threshold is left out, even with
     other boxes kept: the student would learn the lesion the teacher was unsure of as background
     (0: off). Also no image with such a box becomes a negative."""
-    min_oof_support: int = 10
+    min_oof_support: int = field(default=10, metadata={"ge": 0})
     """A box class whose threshold is read from fewer OOF boxes than this is weak evidence (flagged,
     treated as starving)."""
     fallback: Literal["top_k", "none"] = "top_k"
     """A starving box class: top_k keeps its fallback_k highest-scoring pool boxes (flagged); none keeps
     none, and with uncertain_floor > 0 the images showing that class are left out rather than
     taught as background."""
-    fallback_k: int = 0
+    fallback_k: int = field(default=0, metadata={"ge": 0})
     """Boxes a starving class keeps with fallback top_k; 0: the median kept count of the other classes."""
-    randaugment_n: tuple[int, ...] = (0, 2, 2, 3)
+    randaugment_n: tuple[int, ...] = field(default=(0, 2, 2, 3), metadata={"ge": 0, "min_len": 1})
     """Box-safe RandAugment ops per generation (0: light teacher augmentation)."""
-    randaugment_m: tuple[int, ...] = (0, 6, 9, 12)
+    randaugment_m: tuple[int, ...] = field(default=(0, 6, 9, 12), metadata={"ge": 0, "le": 30, "min_len": 1})
     """Box-safe RandAugment magnitude (0..30) per generation."""
     hflip: bool = True
     """Flip augmentation and flip TTA for the detector. Turn off for lateralised classes
     ("Right Lung" / "Left Lung"): a flipped right lung is a left lung."""
-    workers: int = 0
+    workers: int = field(default=0, metadata={"ge": 0})
     """Processes for WBF fusion over images (0: in process)."""
 
 
@@ -149,9 +161,9 @@ class DetectorConfig:
 class GateConfig:
     mode: Literal["hard", "soft", "off"] = "hard"
     """hard: VinBigData three-zone gate; soft: box scores times P(abnormal); off: detector alone."""
-    low: float = 0.08
+    low: float = field(default=0.08, metadata={"ge": 0, "le": 1})
     """Below this P(abnormal) an image gets only the 'No finding' prediction."""
-    high: float = 0.95
+    high: float = field(default=0.95, metadata={"ge": 0, "le": 1})
     """From this P(abnormal) up, boxes stand without a 'No finding' prediction."""
     tune_on_oof: bool = True
     """Choose low/high on OOF predictions for the best mAP including 'No finding'."""
@@ -159,18 +171,19 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    cycles: int = 3
+    cycles: int = field(default=3, metadata={"ge": 0})
     """Teacher -> student cycles after cycle 0."""
-    tasks: tuple[Literal["classifier", "detector"], ...] = ("classifier", "detector")
+    tasks: tuple[Literal["classifier", "detector"], ...] = field(default=("classifier", "detector"),
+                                                                 metadata={"min_len": 1})
     """Task kinds the run trains, in order; the study classifier comes first (the detector's
     negatives and the final gate read its P(abnormal)). A kind without labels in the data is skipped."""
     out: str = "runs/demo"
     """Run directory; rerunning into it resumes."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0})
     """Global seed; the same seed gives the same pseudo labels and summary."""
-    workers: int = 2
+    workers: int = field(default=2, metadata={"ge": 0})
     """Processes for building the preprocessing cache."""
     ablation: bool = True
     """Also train the ablation: the last student's exact recipe (model, noise, optimizer steps,
@@ -179,11 +192,11 @@ class RunConfig:
     """Also train the oracle: the last student's recipe on every label (labeled + the pool's hidden
     truth), with its own step budget and early stopping, when the dataset has hidden truth (the demo
     does): the ceiling ``gap_closed`` is read against."""
-    oracle_steps: float = 3.0
+    oracle_steps: float = field(default=3.0, metadata={"gt": 0})
     """The oracle's optimizer-step budget as a multiple of the teacher's; keep it at least the
     students' (it sees several times the images: with the teacher's steps it would be a
     same-compute peer, not a ceiling)."""
-    oracle_patience: int = 5
+    oracle_patience: int = field(default=5, metadata={"ge": 0})
     """Early stopping of the oracle: epochs without a better validation score (its fold's labeled images)."""
     cache_dir: str = ""
     """Preprocessing cache; empty: <out>/cache. Share one between runs to decode each image once."""
@@ -220,7 +233,9 @@ def detector_preprocess(cfg: EngineConfig) -> PreprocessConfig:
 
 
 def ladder_value(values: tuple, generation: int):
-    """The ladder entry for a generation; a short ladder repeats its last rung."""
+    """The ladder entry for a generation. A one-entry ladder holds for every generation; a longer one
+    is checked at load to cover generations 0..run.cycles (past it, the oracle and ablation of the
+    last generation, it repeats its last rung)."""
     if not values:
         raise ConfigError("a model/noise ladder must have at least one entry")
     return values[min(generation, len(values) - 1)]
@@ -239,13 +254,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Literal:
-        if value not in args:
+        if not isinstance(value, (str, int, float, bool)) or value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{_hint(str(value), [str(a) for a in args])}")
         return value
     if origin is tuple:
+        if isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a list, got a mapping")
         items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v != ""]
         inner = args[0] if args else str
         return tuple(_coerce(v, inner, where) for v in items)
+    if annotation in (int, float, str, bool) and isinstance(value, (list, tuple, dict)):
+        raise ConfigError(f"{where}: expected one {annotation.__name__}, got {type(value).__name__} {value!r}")
     try:
         if annotation is bool:
             if isinstance(value, str):
@@ -255,46 +274,134 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if annotation in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # True is an int to Python, never a number the user meant
         if annotation in (int, float, str):
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return annotation(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{where}: {value!r} is not a valid {annotation.__name__}") from None
     return value
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(data).__name__} "
+                          f"{data!r}")
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
+    known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in known:
-            raise ConfigError(f"unknown config key '{where}'{_hint(key, known)}")
+            raise ConfigError(f"unknown config key '{where}'{_hint(str(key), list(known))}")
         annotation = hints[key]
         if is_dataclass(annotation):
             kwargs[key] = _build(annotation, value or {}, where + ".")
         else:
             kwargs[key] = _coerce(value, annotation, where)
+            problem = range_problem(kwargs[key], known[key].metadata)
+            if problem:
+                raise ConfigError(f"{where}: {problem}")
     return cls(**kwargs)
 
 
+def kind_defaults(data: dict) -> dict:
+    """Defaults that depend on another key: detector.kind effdet without a ladder of its own, or with
+    the YOLO default, gets the effdet ladder (a YOLO YAML means nothing to effdet)."""
+    det = data.get("detector")
+    if isinstance(det, dict) and det.get("kind") == "effdet":
+        ladder = det.get("ladder")
+        if ladder is None or tuple(ladder if isinstance(ladder, (list, tuple)) else [ladder]) == YOLO_LADDER:
+            data = {**data, "detector": {**det, "ladder": list(EFFDET_LADDER)}}
+    return data
+
+
 def config_from_dict(data: dict) -> EngineConfig:
-    return check_config(_build(EngineConfig, data, ""))
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections (data, preprocess, ...), got {type(data).__name__}")
+    return check_config(_build(EngineConfig, kind_defaults(data), ""))
 
 
 def check_config(cfg: EngineConfig) -> EngineConfig:
-    """Rules across keys, checked at load so a run never starts on a config that cannot finish;
-    each breach is one ConfigError line naming the keys."""
+    """Rules across keys, checked at load so a run never starts on a config that cannot finish.
+
+    Every breach found is named (keys and values) in one ConfigError line, so one fix-and-rerun
+    covers them all.
+    """
+    problems = []
     tasks = cfg.run.tasks
-    if not tasks or tasks[0] != "classifier":
-        raise ConfigError(f"run.tasks {list(tasks)}: must start with 'classifier' (the other kinds read its predictions)")
+    if tasks and tasks[0] != "classifier":
+        problems.append(f"run.tasks {list(tasks)}: must start with 'classifier' (the other kinds read its predictions)")
     if len(set(tasks)) != len(tasks):
-        raise ConfigError(f"run.tasks {list(tasks)}: a task kind is listed twice")
+        problems.append(f"run.tasks {list(tasks)}: a task kind is listed twice")
+    if cfg.gate.low > cfg.gate.high:
+        problems.append(f"gate.low {cfg.gate.low} is above gate.high {cfg.gate.high}")
+    low, high = cfg.preprocess.percentile_clip
+    if low >= high:
+        problems.append(f"preprocess.percentile_clip {[low, high]}: the low percentile must be below the high one")
+    problems += _ladder_problems(cfg)
+    problems += _model_problems(cfg)
+    device = check_device_name(cfg.run.device)
+    if device:
+        problems.append(device)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return cfg
+
+
+def _ladder_problems(cfg: EngineConfig) -> list[str]:
+    """Per-generation settings: one entry (every generation), or one per generation 0..run.cycles."""
+    need = cfg.run.cycles + 1
+    ladders = {"classifier.ladder": cfg.classifier.ladder, "classifier.drop_rate": cfg.classifier.drop_rate,
+               "classifier.drop_path_rate": cfg.classifier.drop_path_rate,
+               "augment.randaugment_n": cfg.augment.randaugment_n, "augment.randaugment_m": cfg.augment.randaugment_m}
+    if _detector_on(cfg):
+        ladders.update({"detector.ladder": cfg.detector.ladder, "detector.randaugment_n": cfg.detector.randaugment_n,
+                        "detector.randaugment_m": cfg.detector.randaugment_m})
+    return [f"{key} has {len(values)} entries but run.cycles {cfg.run.cycles} trains generations 0..{need - 1}: "
+            f"give {need} (or one for every generation)" for key, values in ladders.items() if 1 < len(values) < need]
+
+
+def _detector_on(cfg: EngineConfig) -> bool:
+    return cfg.detector.enabled and "detector" in cfg.run.tasks
+
+
+def _model_problems(cfg: EngineConfig) -> list[str]:
+    """Model names that the libraries would refuse minutes into the run, and detector input sizes."""
+    import timm
+
+    out = [f"classifier.ladder: unknown timm model {name!r}{_close(name, timm.list_models())}"
+           for name in dict.fromkeys(cfg.classifier.ladder) if not timm.is_model(name)]
+    if not _detector_on(cfg):
+        return out
+    kind, size = cfg.detector.kind, cfg.detector.img_size
+    if size % DETECTOR_STRIDE[kind]:
+        out.append(f"detector.img_size {size}: {kind} needs a multiple of {DETECTOR_STRIDE[kind]} "
+                   f"(e.g. {max(1, round(size / DETECTOR_STRIDE[kind])) * DETECTOR_STRIDE[kind]})")
+    wrong = [name for name in cfg.detector.ladder if not _detector_model_known(kind, name)]
+    if wrong:
+        example = "tf_efficientdet_d0" if kind == "effdet" else "yolov8n.yaml"
+        out.append(f"detector.ladder {wrong}: not {kind} models (detector.kind {kind}); e.g. {example}")
+    return out
+
+
+def _close(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _detector_model_known(kind: str, name: str) -> bool:
+    """YOLO: an ultralytics YAML or a .pt file (the name says which model scale); effdet: a model in
+    effdet's registry of configurations."""
+    if kind == "yolo":
+        return name.lower().endswith((".yaml", ".yml", ".pt"))
+    with warnings.catch_warnings():  # effdet's import warns about torch.jit.script: not the user's concern
+        warnings.simplefilter("ignore")
+        from effdet.config.model_config import efficientdet_model_param_dict
+
+    return name in efficientdet_model_param_dict
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -302,7 +409,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({_yaml_problem(err)})") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -323,10 +434,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults <- base dict <- YAML file <- overrides, validated into frozen dataclasses."""
     data: dict = json.loads(json.dumps(base or {}))
     if path:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        loaded = read_yaml(Path(path))
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, preprocess, ...), got "
+                              f"{type(loaded).__name__}")
         data = _deep_merge(data, loaded)
     return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's YAML ({} when empty); one ConfigError line when it is missing, a folder, or not YAML."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML config file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file ({type(err).__name__}: {err})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: what is wrong, and the line and column where it was found."""
+    mark = getattr(err, "problem_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark else " ".join(str(err).split())
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

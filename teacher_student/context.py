@@ -49,6 +49,9 @@ class RunContext:
     folds: pd.Series
     device: torch.device
     records: list = field(default_factory=list)
+    unscored_test: frozenset = frozenset()
+    """Test images left out of every test metric: duplicates of a training image
+    (``folds.test_duplicates: exclude``); they would score what the models memorised."""
 
     def stage(self, stage_dir: Path, payload: dict, fn: Callable[[Path], Any]) -> dict:
         return run_stage(self.layout, self.records, stage_dir, payload, fn)
@@ -68,3 +71,7 @@ class RunContext:
 
     def ids(self, *roles: str) -> list[str]:
         return self.table.with_role(*roles)["image_id"].tolist()
+
+    def scored_test_ids(self) -> list[str]:
+        """The test images every test metric is computed on (the test role less ``unscored_test``)."""
+        return [i for i in self.ids("test") if i not in self.unscored_test]

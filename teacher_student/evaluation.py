@@ -54,10 +54,11 @@ def class_truth_precision_per_class(selection: pd.DataFrame, truth: ItemTable | 
 
 
 def class_members(labels: pd.Series, name: str, label_mode: str) -> pd.Series:
-    """Which pseudo labels name class ``name`` (multilabel labels are '|'-joined class names)."""
+    """Which pseudo labels name class ``name`` (multilabel labels are '|'-joined class names), as a
+    boolean mask also when there are none (an empty object Series would select columns, not rows)."""
     if label_mode == "multiclass":
-        return labels == name
-    return labels.astype(str).str.split("|").map(lambda parts: name in parts)
+        return (labels == name).astype(bool)
+    return labels.astype(str).str.split("|").map(lambda parts: name in parts).astype(bool)
 
 
 def _box_hits(boxes: pd.DataFrame, truth: ItemTable, iou_thr: float) -> tuple[pd.DataFrame, np.ndarray]:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..datasets.boxes import BOX_COLUMNS, to_pixels
+from ..datasets.errors import DataError
 from ..loops.det_metrics import mean_average_precision
 from .pseudo import gate_predictions
 
@@ -54,46 +55,65 @@ def tune_gate(boxes, p_abnormal, gt, image_ids, *, class_names, iou_thr, mode) -
 
 def vinbigdata_submission(pred: pd.DataFrame, items: pd.DataFrame, *, no_finding_class: int) -> pd.DataFrame:
     """VinBigData rows: image_id, PredictionString "class score x_min y_min x_max y_max ..." in
-    original pixels; "No finding" as "14 score 0 0 1 1" as the competition defined it; an image
-    without any prediction gets "14 1 0 0 1 1"."""
+    original pixels; "No finding" as "<id> score 0 0 1 1" as the competition defined it, with the
+    dataset's own "No finding" id (``no_finding_class``: the number of box classes; 14 for
+    VinBigData's); an image without any prediction gets "<id> 1 0 0 1 1"."""
     sizes = items.set_index("image_id")[["width", "height"]]
     by_image = dict(tuple(pred.sort_values("score", ascending=False, kind="stable").groupby("image_id", sort=False)))
+    nf = int(no_finding_class)
     rows = []
     for image_id in items["image_id"]:
         p = by_image.get(image_id, pred.iloc[:0])
         w, h = sizes.loc[image_id]
         parts = []
         for r, px in zip(p.itertuples(), to_pixels(p[BOX_COLUMNS].to_numpy(), w, h)):
-            if r.class_id == no_finding_class:
-                parts.append(f"14 {r.score:.4f} 0 0 1 1")
+            if r.class_id == nf:
+                parts.append(f"{nf} {r.score:.4f} 0 0 1 1")
             else:
                 parts.append(f"{int(r.class_id)} {r.score:.4f} " + " ".join(str(int(round(v))) for v in px))
-        rows.append({"image_id": image_id, "PredictionString": " ".join(parts) or "14 1 0 0 1 1"})
+        rows.append({"image_id": image_id, "PredictionString": " ".join(parts) or f"{nf} 1 0 0 1 1"})
     return pd.DataFrame(rows)
 
 
-def siim_submission(pred: pd.DataFrame, study_probs: pd.DataFrame, items: pd.DataFrame, *, study_classes,
-                    no_finding_class: int) -> pd.DataFrame:
-    """SIIM-COVID19 rows: "<study>_study" with "<class> p 0 0 1 1" for the four study classes
-    (lower-cased first word: negative, typical, indeterminate, atypical) and "<image>_image" with
-    "opacity score x y x y" boxes and "none p 0 0 1 1"."""
+def siim_submission(pred: pd.DataFrame, probs: pd.DataFrame, items: pd.DataFrame, *, study_classes,
+                    normal_class: str, no_finding_class: int) -> pd.DataFrame:
+    """Kaggle SIIM-COVID19 rows (``id, PredictionString``), studies first.
+
+    "<study>_study": "negative p 0 0 1 1 typical p 0 0 1 1 indeterminate p 0 0 1 1 atypical p 0 0 1 1"
+    (the first word of each study class, lower-cased), p the mean of the classifier's probabilities
+    over the study's images. "<image>_image": the detector's opacity boxes "opacity score x_min
+    y_min x_max y_max" in original pixels, then "none p 0 0 1 1" with p the classifier's
+    P(normal class) of that image -- the winners' rule: the study classifier says "no opacity" far
+    better than an empty detector output does, so the gate's own "No finding" rows are not used.
+
+    Raises:
+        DataError: the items have no ``study_id`` (the SIIM adapter writes one for every image) or an
+            image has no class probabilities.
+    """
+    if "study_id" not in items.columns or items["study_id"].isna().any():
+        raise DataError("SIIM submission: the item table has no study_id for every image (the SIIM adapter writes "
+                        "one for labeled and unlabeled images alike): rerun the data stage")
+    col = f"p:{normal_class}"
+    by_id = probs.drop_duplicates("image_id").set_index("image_id")
+    missing = sorted(set(items["image_id"]) - set(by_id.index))
+    if missing or col not in by_id.columns:
+        raise DataError(f"SIIM submission: no class probabilities ({col}) for {len(missing)} images, e.g. "
+                        f"{missing[:1]}")
     names = [c.split()[0].lower() for c in study_classes]
-    rows = []
-    study_of = items.set_index("image_id")["study_id"] if "study_id" in items else items.set_index("image_id")["image_id"]
-    probs = study_probs.set_index("image_id")
-    cols = [c for c in probs.columns if c.startswith("p:")]
-    per_study = probs.loc[probs.index.intersection(items["image_id"]), cols].groupby(study_of).mean()
-    for study, p in per_study.iterrows():
-        rows.append({"id": f"{study}_study", "PredictionString": " ".join(f"{n} {v:.4f} 0 0 1 1" for n, v in zip(names, p))})
+    per_study = by_id.loc[items["image_id"], [f"p:{c}" for c in study_classes]].groupby(
+        items["study_id"].to_numpy(), sort=False).mean()
+    rows = [{"id": f"{study}_study", "PredictionString": " ".join(f"{n} {v:.4f} 0 0 1 1" for n, v in zip(names, p))}
+            for study, p in per_study.iterrows()]
     sizes = items.set_index("image_id")[["width", "height"]]
-    by_image = dict(tuple(pred.groupby("image_id", sort=False)))
+    boxes = pred[pred["class_id"] != no_finding_class].sort_values("score", ascending=False, kind="stable")
+    by_image = dict(tuple(boxes.groupby("image_id", sort=False)))
     for image_id in items["image_id"]:
-        p = by_image.get(image_id, pred.iloc[:0])
+        p = by_image.get(image_id, boxes.iloc[:0])
         w, h = sizes.loc[image_id]
-        parts = [f"none {r.score:.4f} 0 0 1 1" if r.class_id == no_finding_class else
-                 f"opacity {r.score:.4f} " + " ".join(f"{v:.1f}" for v in px)
+        parts = [f"opacity {r.score:.4f} " + " ".join(f"{v:.1f}" for v in px)
                  for r, px in zip(p.itertuples(), to_pixels(p[BOX_COLUMNS].to_numpy(), w, h))]
-        rows.append({"id": f"{image_id}_image", "PredictionString": " ".join(parts) or "none 1 0 0 1 1"})
+        parts.append(f"none {by_id.at[image_id, col]:.4f} 0 0 1 1")
+        rows.append({"id": f"{image_id}_image", "PredictionString": " ".join(parts)})
     return pd.DataFrame(rows)
 
 

@@ -16,6 +16,8 @@ one writes and the next reads) is written down once, here::
     <out>/oracle/<task>/               supervised reference on every label (runs with hidden truth)
     <out>/index.html, summary.json     the run's front page and numbers
     <out>/<stage>.done.json            stage markers (fingerprint of what made the stage)
+    <out>/cxr_run.json                 says the folder is a run of this engine (written when it is claimed)
+    <out>/run.lock                     the lock one run at a time holds (names its process)
 
 Stage functions write into a temporary directory that is swapped in whole, so they name their
 outputs with the file-name constants below, relative to the directory they are given.
@@ -40,6 +42,9 @@ def prob_columns(class_names) -> list[str]:
 
 # file names inside a stage directory
 CONFIG = "config.yaml"
+RUN_MARKER = "cxr_run.json"
+"""A folder holding it is a run of this engine: the only non-empty folder a run may write into."""
+RUN_LOCK = "run.lock"
 TABLE_META = "table.json"
 FOLDS = "folds.csv"
 GROUPS = "groups.csv"
@@ -91,6 +96,14 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / CONFIG
+
+    @property
+    def run_marker(self) -> Path:
+        return self.root / RUN_MARKER
+
+    @property
+    def lock(self) -> Path:
+        return self.root / RUN_LOCK
 
     @property
     def data(self) -> Path:

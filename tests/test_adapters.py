@@ -360,3 +360,39 @@ def test_shared_cxr_set_loads_with_the_right_counts(cxr_dir):
                      study_label_column="label_group", normal_class="No Finding")
     via_config = load_dataset(cfg)
     assert via_config.study_classes == tuple(sorted(CXR_COVID_STUDY_CLASSES)) and len(via_config.boxes) == 220
+
+
+def test_every_siim_image_has_its_study_labeled_or_not(siim_root, dicom_dir):
+    """Labeled: the CSV's StudyInstanceUID; unlabeled: the <study>/<series>/<image>.dcm tree, else the
+    DICOM's StudyInstanceUID tag, else a quarantine line (the submission needs a study per image)."""
+    flat = _dicom(dicom_dir / SIIM_FILE, siim_root / "test" / "flat.dcm", "PF")
+    ds = pydicom.dcmread(flat)
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.save_as(flat)
+    nameless = _dicom(dicom_dir / SIIM_FILE, siim_root / "test" / "x" / "nameless.dcm", "PN")
+    ds = pydicom.dcmread(nameless)
+    del ds.StudyInstanceUID
+    ds.save_as(nameless)
+    table = load_siim(siim_root)
+    study = table.items.set_index("image_id")["study_id"]
+    assert study[["i1", "i2", "i3"]].tolist() == ["S1", "S1", "S2"] and study["u1"] == "S9" and study["flat"] == "1.2.3.4"
+    q = table.quarantine
+    assert q["image_id"].tolist() == ["nameless"] and "cannot tell the study of this image" in q["problem"].iloc[0]
+
+
+def test_folder_scans_name_what_they_cannot_read_and_list_tiff(vinbig_root, caplog):
+    """The unlabeled folder: a TIFF is an image (the reader decodes it), a dangling link and a folder
+    named like an image are quarantined, a text file is not an image (one log line), a hidden file
+    is skipped."""
+    Image.fromarray(np.full((48, 64), 90, np.uint8)).save(vinbig_root / "test" / "scan.tif")
+    (vinbig_root / "test" / "gone.dicom").symlink_to(vinbig_root / "nowhere.dicom")
+    (vinbig_root / "test" / "folder.png").mkdir()
+    (vinbig_root / "test" / "notes.txt").write_text("x")
+    (vinbig_root / "test" / ".DS_Store").write_text("x")
+    with caplog.at_level("WARNING"):
+        table = load_vinbigdata(vinbig_root)
+    assert "scan" in set(table.with_role("unlabeled")["image_id"])
+    problems = dict(zip(table.quarantine["image_id"], table.quarantine["problem"]))
+    assert set(problems) == {"gone", "folder"}
+    assert problems["gone"].startswith("dangling link:") and "is a folder, not an image file" in problems["folder"]
+    assert "1 files are not images by their suffix" in caplog.text and "notes.txt" in caplog.text

@@ -17,11 +17,16 @@ carry them. Input that is unusual but fine (16-bit PNG, a spreadsheet's CSV) mus
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import importlib.util
 import logging
+import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -114,7 +119,7 @@ def check_accounting(root: Path, table, out: Path) -> None:
     images_csv, labels_csv = str(root / "images.csv"), str(root / "labels.csv")
     undecodable = q[~q["file"].isin([images_csv, labels_csv])]
     assert undecodable["row"].isna().all()
-    images_in = len(pd.read_csv(images_csv, dtype=str))
+    images_in = _records(images_csv)
     assert images_in == len(table.items) + int((q["file"] == images_csv).sum()) + len(undecodable)
     labels = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
     kept = set(table.items["image_id"])
@@ -125,14 +130,64 @@ def check_accounting(root: Path, table, out: Path) -> None:
     assert len(on_disk) == len(q) and list(on_disk["problem"]) == list(q["problem"])
 
 
+def _records(path: str) -> int:
+    """Data rows of a CSV (non-blank records after the header), read as the csv module reads them."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return sum(1 for cells in list(csv.reader(f))[1:] if any(c.strip() for c in cells))
+
+
 # ---------------------------------------------------------------------------- bad files and rows
 
 
 def _file_row(root: Path, name: str, write=_png, label: str = "sick", image_id: str = "bad",
-              role: str = "") -> tuple[str, int]:
-    """Write images/<name> with ``write`` and list it in images.csv; (csv name, its line)."""
+              role: str = "", row: str | None = None) -> tuple[str, int]:
+    """Write images/<name> with ``write`` and list it in images.csv (or ``row``); (csv name, its line)."""
     write(root / "images" / name)
-    return "images.csv", _append(root / "images.csv", f"{image_id},images/{name},p9,{label},{role}")
+    return "images.csv", _append(root / "images.csv", row or f"{image_id},images/{name},p9,{label},{role}")
+
+
+def _bomb_png(dest: Path) -> None:
+    """A PNG whose header claims 100000 x 100000 pixels (10 GB decoded) in a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    dest.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def _uncompressed(dicom_dir: Path, frames: int = 1) -> pydicom.Dataset:
+    """The real CR radiograph (256 x 256 of it) stored uncompressed, with ``frames`` frames."""
+    ds = pydicom.dcmread(dicom_dir / SIIM_FILE)
+    frame = ds.pixel_array[:256, :256]
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = frame.shape
+    ds.PixelData = np.stack([frame if f % 2 == 0 else 255 - frame for f in range(frames)]).astype(frame.dtype).tobytes()
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    return ds
+
+
+def _edited_dicom(dicom_dir: Path, dest: Path, how: str) -> None:
+    """The real CR radiograph without its pixel data, or with 100 bytes of it missing."""
+    ds = _uncompressed(dicom_dir)
+    if how == "no pixels":
+        del ds.PixelData
+    else:
+        ds.PixelData = ds.PixelData[:-100]
+    ds.save_as(dest)
+
+
+def _box_on_unlabeled(root: Path) -> tuple[str, int]:
+    _file_row(root, "pool.png", label="", image_id="pool", role="unlabeled")
+    return "labels.csv", _append(root / "labels.csv", "pool,lesion,8,12,40,36")
+
+
+def _after_multiline(root: Path) -> tuple[str, int]:
+    """A good row whose quoted patient cell spans two lines, then a bad row: the bad row's number
+    is the line an editor shows, not the record count."""
+    _append(root / "images.csv", 'q1,images/g0.png,"patient\nnine",sick,')
+    return "images.csv", _append(root / "images.csv", "bad,images/nothere.png,p9,sick,")  # line 10, record 9
 
 
 def _dicom_copy(src: Path, dest: Path, **tags) -> Path:
@@ -211,8 +266,44 @@ KINDS = {
     "path ../../etc/passwd": (_images("bad,../../etc/passwd,p9,sick,"), "escapes the data root", "adapter"),
     "absolute path outside": (lambda r, d: _images(f"bad,{_escape_absolute(r)},p9,sick,")(r, d),
                               "escapes the data root", "adapter"),
-    "symlink outside": (lambda r, d: _images(f"bad,{_escape_symlink(r)},p9,sick,")(r, d),
-                        "escapes the data root", "adapter"),
+    # ids and paths: validated once, at load (an id becomes a file name in exports)
+    "id with a slash": (_images("a/b,images/g0.png,p9,sick,"), "cannot be a file name", "adapter"),
+    "id '..'": (_images("..,images/g0.png,p9,sick,"), "cannot be a file name", "adapter"),
+    "id of 300 characters": (_images(f"{'x' * 300},images/g0.png,p9,sick,"), "300 bytes long", "adapter"),
+    "empty image id": (_images(",images/g0.png,p9,sick,"), "empty image_id", "adapter"),
+    "path with '..' inside the root": (_images("bad,images/../images/g0.png,p9,sick,"), "'..' is not allowed",
+                                       "adapter"),
+    "folder named like an image": (lambda r, d: _file_row(r, "bad.png", lambda p: p.mkdir()),
+                                   "is a folder, not an image file", "adapter"),
+    "dangling link": (lambda r, d: _file_row(r, "bad.png", lambda p: p.symlink_to(r / "images" / "gone.png")),
+                      "dangling link", "adapter"),
+    "link loop": (lambda r, d: _file_row(r, "bad.png", lambda p: p.symlink_to(p)), "dangling link", "adapter"),
+    # files
+    "zero-byte file": (lambda r, d: _file_row(r, "bad.png", lambda p: p.write_bytes(b"")), "file is empty (0 bytes)",
+                       "adapter"),
+    "decompression-bomb header": (lambda r, d: _file_row(r, "bad.png", _bomb_png), "decompression bomb", "adapter"),
+    "DICOM without pixel data": (lambda r, d: _file_row(r, "bad.dcm", lambda p: _edited_dicom(d, p, "no pixels")),
+                                 "DICOM has no pixel data", "cache"),
+    "DICOM pixel-data length mismatch": (lambda r, d: _file_row(r, "bad.dcm", lambda p: _edited_dicom(d, p, "short")),
+                                         "cannot decode pixel data", "cache"),
+    # numbers and classes
+    "negative coordinate": (_labels("g0,lesion,-5,12,40,36"), "lies outside the image", "adapter"),
+    "text coordinate": (_labels("g0,lesion,eight,12,40,36"), "are not all numbers", "adapter"),
+    "'1_0' coordinate (Python reads 10)": (_labels("g0,lesion,1_0,12,40,36"), "are not all numbers", "adapter"),
+    "box class in another case": (_labels("g0,Lesion,8,12,40,36"), "unknown box class 'Lesion' (box classes: "
+                                  "['lesion']); did you mean 'lesion'?", "adapter"),
+    "study class in another case": (lambda r, d: _file_row(r, "bad.png", label="Sick"),
+                                    "unknown class 'Sick' in column 'label' (study classes: ['sick', 'well']); "
+                                    "did you mean 'sick'?", "adapter"),
+    "duplicated label row": (_labels("g0,lesion,8,12,40,36"), "duplicated label row (identical to row 2)", "adapter"),
+    "box on an image of role unlabeled": (lambda r, d: _box_on_unlabeled(r), "a box label for an image of role "
+                                          "'unlabeled'", "adapter"),
+    # CSV structure
+    "short CSV row": (lambda r, d: _file_row(r, "bad.png", row="bad,images/bad.png,p9"),
+                      "row has 3 cells, the header has 5", "adapter"),
+    "long CSV row": (lambda r, d: _file_row(r, "bad.png", row="bad,images/bad.png,p9,sick,,extra"),
+                     "row has 6 cells, the header has 5", "adapter"),
+    "bad row after a quoted multi-line cell": (lambda r, d: _after_multiline(r), "missing image file", "adapter"),
 }
 if not HAS_LIBJPEG:  # with pylibjpeg-libjpeg installed the file decodes: see test_jpeg_lossy_dicom_...
     KINDS["JPEG-lossy DICOM, no decoder"] = (
@@ -237,6 +328,139 @@ def test_bad_input_is_quarantined_and_named_or_stops_the_run_with_one_line(root,
     check_accounting(root, table, tmp_path / "run")
     message = stage_error(root, tmp_path / "run_error")
     assert message.startswith(where) and problem in message, message
+
+
+# ---------------------------------------------------------------------------- unusual but fine: loads as is
+
+
+def _pil_png(mode: str):
+    def write(dest: Path) -> None:
+        pixels = (np.arange(64 * 48).reshape(48, 64) % 256).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        if mode == "P":
+            image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+        elif mode == "1":
+            image = image.point(lambda v: 255 if v > 127 else 0).convert("1")
+        else:
+            image = image.convert(mode)
+        image.save(dest, format={"tif": "TIFF", "bmp": "BMP"}.get(dest.suffix[1:], "PNG"))
+    return write
+
+
+def _jpeg_named_png(dest: Path) -> None:
+    ok, buf = cv2.imencode(".jpg", (np.arange(64 * 48).reshape(48, 64) % 256).astype(np.uint8))
+    dest.write_bytes(buf.tobytes())
+
+
+def _multi_frame(dicom_dir: Path):
+    return lambda dest: _uncompressed(dicom_dir, frames=2).save_as(dest)
+
+
+def _semicolons(root: Path) -> str:
+    for name in ("images.csv", "labels.csv"):
+        (root / name).write_text((root / name).read_text().replace(",", ";"))
+    return "g0"
+
+
+# kind -> make(root, dicom_dir) -> the image id that must load (nothing quarantined)
+ACCEPTED = {
+    "id 'NA' (pandas reads it as missing)": lambda r, d: _file_row(r, "na.png", image_id="NA") and "NA",
+    "id 'null' and patient 'nan'": lambda r, d: _file_row(r, "x.png", row="null,images/x.png,nan,sick,") and "null",
+    "id with spaces": lambda r, d: _file_row(r, "x.png", image_id="film 7 left") and "film 7 left",
+    "unicode id": lambda r, d: _file_row(r, "x.png", image_id="röntgen_bild_ä") and "röntgen_bild_ä",
+    "quoted comma in a cell": lambda r, d: _file_row(r, "x.png", row='qc,images/x.png,"smith, john",sick,') and "qc",
+    "empty patient id (its own patient)": lambda r, d: _file_row(r, "x.png", row="own,images/x.png,,sick,") and "own",
+    "semicolon-separated CSVs": lambda r, d: _semicolons(r),
+    "PNG that is a JPEG": lambda r, d: _file_row(r, "bad.png", _jpeg_named_png) and "bad",
+    "palette PNG": lambda r, d: _file_row(r, "bad.png", _pil_png("P")) and "bad",
+    "1-bit PNG": lambda r, d: _file_row(r, "bad.png", _pil_png("1")) and "bad",
+    "RGBA PNG": lambda r, d: _file_row(r, "bad.png", _pil_png("RGBA")) and "bad",
+    "TIFF": lambda r, d: _file_row(r, "bad.tif", _pil_png("L")) and "bad",
+    "BMP": lambda r, d: _file_row(r, "bad.bmp", _pil_png("L")) and "bad",
+    "multi-frame DICOM (frame 0 is read)": lambda r, d: _file_row(r, "bad.dcm", _multi_frame(d)) and "bad",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ACCEPTED))
+def test_unusual_but_valid_input_loads_through_the_data_stage(root, tmp_path, dicom_dir, kind):
+    image_id = ACCEPTED[kind](root, dicom_dir)
+    table = data_stage(root, tmp_path / "run")  # read back from <run>/data: ids survive the CSV round trip
+    assert table.quarantine.empty, table.quarantine.to_dict("records")
+    items = table.items.set_index("image_id")
+    assert image_id in items.index and items.loc[image_id, "patient_id"] == {"own": "own", "null": "nan", "qc": "smith, john"}.get(
+        image_id, items.loc[image_id, "patient_id"])
+    assert ImageCache(tmp_path / "run" / "cache", PREPROCESS).load(image_id).shape == (32, 32)
+    check_accounting(root, table, tmp_path / "run") if kind != "semicolon-separated CSVs" else None
+
+
+def test_a_link_inside_the_root_is_followed_and_said_once(root, tmp_path, caplog):
+    """The Kaggle way: the images folder is a link to a read-only input elsewhere. Every image
+    loads (the old rule rejected all of them as escaping the root), and one log line says so."""
+    elsewhere = tmp_path / "kaggle_input" / "images"
+    shutil.move(root / "images", elsewhere)
+    (root / "images").symlink_to(elsewhere)
+    with caplog.at_level(logging.INFO):
+        table = data_stage(root, tmp_path / "run")
+    assert table.quarantine.empty and len(table.items) == 6
+    said = [r.getMessage() for r in caplog.records if "links that lead outside the data root" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("6 of 6 images are reached through links"), said
+    (root / "loop").symlink_to(root)  # a link loop and a dangling link anywhere under the root
+    (root / "gone").symlink_to(tmp_path / "nowhere")
+    assert len(data_stage(root, tmp_path / "run2").items) == 6  # the source digest walks past both
+
+
+# ---------------------------------------------------------------------------- whole-input problems: one line
+
+
+def _keep_rows(root: Path, keep) -> None:
+    lines = _lines(root / "images.csv")
+    _write(root / "images.csv", [lines[0], *[line for i, line in enumerate(lines[1:]) if keep(i, line)]])
+
+
+ONE_LINE = {  # kind -> (spoil(root), config changes, the line: file and problem)
+    "missing label column": (lambda r: _write(r / "images.csv", [line.rsplit(",", 2)[0] + ",," if i else
+                                                                  "image_id,path,patient_id,lbl,role"
+                                                                  for i, line in enumerate(_lines(r / "images.csv"))]),
+                             {}, "images.csv: missing columns ['label'] (did you mean 'lbl' for 'label'?)"),
+    "column named twice": (lambda r: _write(r / "images.csv", [_lines(r / "images.csv")[0].replace("role", "label"),
+                                                                *_lines(r / "images.csv")[1:]]),
+                           {}, "images.csv: column(s) ['label'] appear twice in the header"),
+    "Lesion next to lesion (classes read from the data)": (
+        lambda r: _append(r / "labels.csv", "g2,Lesion,8,12,40,36"), {"box_classes": ()},
+        "labels.csv: box classes 'Lesion' (row 4) and 'lesion' (row 2) differ only in case or spacing"),
+    "one study class only": (lambda r: _write(r / "images.csv", [line.replace("well", "sick") for line in
+                                                                  _lines(r / "images.csv")]), {"study_classes": (), "normal_class": ""},
+                             "the 6 labeled images with a study label hold only 'sick'"),
+    "one labeled image": (lambda r: _keep_rows(r, lambda i, _: i == 0), {},
+                          "the 1 labeled images with a study label hold only 'sick'"),
+    "more folds than patients": (lambda r: None, {"k": 7},
+                                 "folds.k=7: the 6 labeled images form only 6 patient/duplicate groups"),
+    "every image quarantined": (lambda r: _write(r / "images.csv", [line.replace("images/", "../images/") for line in
+                                                                     _lines(r / "images.csv")]), {},
+                                "data: 6 of 6 image ids were quarantined and no labeled image is left (top reasons: 6x "
+                                "image path '…' escapes the data root …"),
+    "unclosed quote": (lambda r: _append(r / "images.csv", 'bad,"images/x.png,p9,sick,'), {},
+                       "images.csv, row 8: not readable CSV (unexpected end of data)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ONE_LINE))
+def test_whole_input_problems_stop_with_one_line_in_either_mode(root, tmp_path, kind):
+    """Problems of the whole input stop in quarantine mode too, with the line below (error mode
+    may already stop at the first bad row); never a traceback, never a run on what is left."""
+    spoil, changes, message = ONE_LINE[kind]
+    spoil(root)
+    changes = dict(changes)
+    folds = FoldConfig(k=changes.pop("k", 2))
+    for mode in ("quarantine", "error"):
+        cfg = engine_config(root, tmp_path / f"run_{mode}", mode)
+        data = dataclasses.replace(cfg.data, **changes)
+        with pytest.raises(DataError) as info:
+            prepare(dataclasses.replace(cfg, data=data, folds=folds))
+        text = str(info.value)
+        assert "\n" not in text and "Traceback" not in text, text
+        if mode == "quarantine":  # error mode may stop earlier, at the first bad row
+            assert message in text, text
 
 
 def test_sixteen_bit_png_reads_by_its_dtype_not_as_an_error(root, tmp_path):
@@ -300,7 +524,8 @@ def test_spreadsheet_csv_loads_and_a_non_utf8_csv_stops_with_one_line(root):
     (root / "images.csv").write_bytes((root / "images.csv").read_bytes().replace(b"p1", b"p\xe91"))  # Latin-1 é
     with pytest.raises(DataError) as info:
         load_dataset(data_config(root))
-    assert str(info.value).startswith(f"{root / 'images.csv'}: not a readable CSV: 'utf-8' codec can't decode")
+    assert str(info.value) == (f"{root / 'images.csv'}, row 3: not UTF-8 text (byte 0xe9); save the file as UTF-8 "
+                               "(spreadsheets: 'CSV UTF-8')")
 
 
 def test_missing_csv_and_missing_root_stop_with_one_line(root, tmp_path):
@@ -361,9 +586,39 @@ def test_run_with_quarantined_rows_completes_the_data_stage_and_reports_them(roo
         assert sum(expected in p for p in problems) == 1, (expected, problems)
     assert set(run.folds.index) == {f"g{i}" for i in range(6)} and set(run.folds) == {0, 1}
     assert "5 input rows/files quarantined (see data/quarantine.csv)" in caplog.text
+    assert "row nan" not in caplog.text and not re.search(r"row \d+\.0", caplog.text)  # rows read back as integers
+    assert str(run.table.quarantine["row"].dtype) == "Int64"
     check_accounting(root, run.table, tmp_path / "run")
     again = prepare(engine_config(root, tmp_path / "run"))
     assert again.records[0]["skipped"] and len(again.table.quarantine) == 5
+
+
+def test_a_box_only_labeled_image_is_not_a_classifier_target_but_is_predicted(root, tmp_path):
+    """load_generic accepts a labeled image with boxes and no study label; the classifier must not
+    train on its NaN target (it did, and the loss went NaN), yet must predict it: the detector's
+    negatives and the gate read P(abnormal) of every image."""
+    from cxr_noisy_student.teacher_student.tasks.classifier import ClassifierTask
+
+    _file_row(root, "boxonly.png", label="", image_id="boxonly", role="labeled")
+    _append(root / "labels.csv", "boxonly,lesion,8,12,40,36")
+    ctx = prepare(engine_config(root, tmp_path / "run"))
+    task = ClassifierTask(ctx)
+    assert "boxonly" in ctx.labeled_ids and "boxonly" not in task.labeled_ids() and "boxonly" in task.pool_ids()
+    for plan in task.fold_plans(0, None, None):
+        assert "boxonly" not in plan.train_ids and np.isfinite(plan.train.targets).all()
+
+
+@pytest.mark.parametrize("policy", ["exclude", "report"])
+def test_a_test_image_that_copies_a_training_image_is_reported_and_by_default_not_scored(root, tmp_path, policy):
+    shutil.copy(root / "images" / "g0.png", root / "images" / "copy.png")  # filed under another patient
+    _append(root / "images.csv", "copy,images/copy.png,p77,sick,test")
+    _append(root / "images.csv", "fresh,images/g5.png,p78,well,test")  # g5's file again, under another id: also a copy
+    cfg = engine_config(root, tmp_path / "run")
+    ctx = prepare(dataclasses.replace(cfg, folds=dataclasses.replace(cfg.folds, test_duplicates=policy)))
+    report = read_json(tmp_path / "run" / "data" / "fold_report.json")
+    assert report["test_duplicates_of_training"] == ["copy", "fresh"]
+    assert {"image_a": "g0", "role_a": "labeled", "image_b": "copy", "role_b": "test"} in report["cross_role_pairs"]
+    assert ctx.scored_test_ids() == ([] if policy == "exclude" else ["copy", "fresh"])
 
 
 # ---------------------------------------------------------------------------- the command line

@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("detector:\n  epochs: 7\nclassifier:\n  ladder: [a, b]\n")
+    path.write_text("detector:\n  epochs: 7\nclassifier:\n  ladder: [test_efficientnet, test_resnet]\nrun:\n  cycles: 1\n")
     cfg = load_config(path, ["detector.epochs=3", "pseudo.temperature=0.5", "classifier.train.lr=0.01"])
-    assert cfg.detector.epochs == 3 and cfg.classifier.ladder == ("a", "b")
+    assert cfg.detector.epochs == 3 and cfg.classifier.ladder == ("test_efficientnet", "test_resnet")
     assert cfg.pseudo.temperature == 0.5 and cfg.classifier.train.lr == 0.01
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.run.seed = 1  # type: ignore[misc]
@@ -54,3 +54,83 @@ def test_every_key_is_documented_and_the_readme_reference_is_current():
 def test_presets_load():
     for preset in (ROOT / "teacher_student" / "presets").glob("*.yaml"):
         load_config(preset)
+
+
+# ---------------------------------------------------------------------------- ranges and rules across keys
+
+
+BAD_VALUES = [  # (override, what the one line says): every class of value the engine cannot run on
+    ("folds.k=1", "folds.k: 1 is out of range: must be >= 2"),
+    ("preprocess.size=0", "preprocess.size: 0 is out of range: must be >= 8"),
+    ("classifier.train.batch_size=0", "classifier.train.batch_size: 0 is out of range: must be >= 1"),
+    ("pseudo.temperature=0", "pseudo.temperature: 0.0 is out of range: must be > 0"),
+    ("preprocess.std=0", "preprocess.std: 0.0 is out of range: must be > 0"),
+    ("classifier.train.lr=nan", "classifier.train.lr: nan is not a finite number"),
+    ("detector.lr=.inf", "detector.lr: inf is not a finite number"),
+    ("classifier.train.epochs=-1", "classifier.train.epochs: -1 is out of range: must be >= 1"),
+    ("run.cycles=-1", "run.cycles: -1 is out of range: must be >= 0"),
+    ("pseudo.confidence=2", "pseudo.confidence: 2.0 is out of range: must be <= 1"),
+    ("pseudo.target_precision=-0.1", "pseudo.target_precision: -0.1 is out of range: must be >= 0"),
+    ("detector.iou_thr=0", "detector.iou_thr: 0.0 is out of range: must be > 0"),
+    ("data.test_fraction=1", "data.test_fraction: 1.0 is out of range: must be < 1"),
+    ("classifier.drop_rate=[0.0,1.5]", "classifier.drop_rate: [0.0, 1.5] is out of range: each value must be < 1"),
+    ("augment.randaugment_m=[0,40]", "augment.randaugment_m: [0, 40] is out of range: each value must be <= 30"),
+    ("data.demo_counts=[1,2]", "data.demo_counts: give 3 values, got 2"),
+    ("classifier.ladder=[]", "classifier.ladder: give at least 1 value(s), got none"),
+    ("preprocess.percentile_clip=[99,1]", "the low percentile must be below the high one"),
+    ("run.workers=true", "run.workers: True is not a valid int"),
+    ("run.out=[a,b]", "run.out: expected one str, got list"),
+    ("gate.low=0.97", "gate.low 0.97 is above gate.high 0.95"),
+    ("classifier.ladder=efficientnet_b99", "classifier.ladder: unknown timm model 'efficientnet_b99' (did you mean"),
+    ("detector.img_size=50", "detector.img_size 50: yolo needs a multiple of 32 (e.g. 64)"),
+    ("detector.ladder=tf_efficientdet_d0", "detector.ladder ['tf_efficientdet_d0']: not yolo models"),
+    ("run.device=tpu", "run.device 'tpu': not a device; use auto, cpu, cuda or cuda:N"),
+    ("classifier.ladder=[resnet18,resnet18]", "classifier.ladder has 2 entries but run.cycles 3 trains generations 0..3"),
+    ("detector.randaugment_n=[0,1,2]", "detector.randaugment_n has 3 entries but run.cycles 3"),
+    ("data.format=nifti", "data.format: 'nifti' is not one of"),
+    ("run.tasks=[detector]", "run.tasks ['detector']: must start with 'classifier'"),
+    ("folds=3", "folds: expected a mapping of keys, got int 3"),
+    ("detector.ladder=[yolov8n.yaml", "the value is not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_every_bad_value_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_rules_across_keys_are_named_together_in_one_line():
+    """effdet on the demo preset: its 64 px and its YOLO ladder are both wrong for effdet; one line says both."""
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "teacher_student" / "presets" / "demo.yaml", ["detector.kind=effdet"])
+    message = str(info.value)
+    assert "detector.img_size 64: effdet needs a multiple of 128 (e.g. 128)" in message
+    assert "detector.ladder ['yolov8n.yaml']: not effdet models" in message and "\n" not in message
+
+
+def test_effdet_gets_its_own_default_ladder_and_one_rung_ladders_cover_every_cycle():
+    cfg = load_config(None, ["detector.kind=effdet"])
+    assert cfg.detector.ladder == ("tf_efficientdet_d0", "tf_efficientdet_d1", "tf_efficientdet_d2",
+                                   "tf_efficientdet_d2")
+    assert load_config(None, ["detector.kind=yolo"]).detector.ladder[0] == "yolov8n.yaml"
+    assert load_config(None, ["run.cycles=9", "classifier.ladder=resnet18", "classifier.drop_rate=0.1",
+                              "classifier.drop_path_rate=0", "augment.randaugment_n=2", "augment.randaugment_m=9",
+                              "detector.enabled=false"]).run.cycles == 9
+    assert load_config(None, ["run.cycles=9", "detector.enabled=false", "classifier.ladder=resnet18",
+                              "classifier.drop_rate=0", "classifier.drop_path_rate=0", "augment.randaugment_n=0",
+                              "augment.randaugment_m=0"]).detector.ladder[0] == "yolov8n.yaml"  # off: not checked
+
+
+def test_config_files_that_cannot_be_read_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  format: demo\n   root: x\n")
+    cases = [(bad, "bad.yaml: not valid YAML: mapping values are not allowed here at line 3, column 8"),
+             (tmp_path, "is a folder, not a YAML config file"), (tmp_path / "none.yaml", "config file not found")]
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    cases.append((tmp_path / "list.yaml", "expected a mapping of sections"))
+    for path, message in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)

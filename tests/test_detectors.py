@@ -270,3 +270,12 @@ def test_yolo_augmentation_mapping_grows_with_magnitude():
     names = [type(t).__name__ for t in student["augmentations"]]
     assert "SomeOf" in names and "HorizontalFlip" not in names  # RandAugment ops; flips left to fliplr
     assert student["close_mosaic"] == 5
+
+
+def test_effdet_one_class_at_128_px_post_processes_without_running_out_of_anchors():
+    """128 px, one class: 3069 anchor scores, fewer than effdet's default 5000 top-k points (the
+    SIIM 'opacity' case, which failed the first validation with 'selected index k out of range')."""
+    det = create_detector("effdet", "tf_efficientdet_d0", 1, ["opacity"], SIZE, preprocess=PREPROCESS)
+    with torch.no_grad():
+        out = det._create("predict").eval()(torch.zeros(1, 3, SIZE, SIZE))
+    assert out.shape == (1, 100, 6)

@@ -124,10 +124,23 @@ def test_unlabeled_duplicates_are_reported_and_get_no_fold():
         assign_folds(items, hashes, k=3, seed=1, phash_max_distance=2)
 
 
+def test_duplicates_across_roles_are_listed_as_pairs_and_test_copies_of_training_images_named():
+    items = _synthetic_items(12)
+    items.loc[9, ["role", "y:a", "y:b"]] = ["unlabeled", np.nan, np.nan]
+    items.loc[[10, 11], "role"] = "test"
+    hashes = pd.DataFrame({"image_id": items["image_id"],
+                           "pixel_hash": [f"h{i}" for i in range(9)] + ["h0", "h3", "h9"]})  # i9 ~ i0, i10 ~ i3
+    report = assign_folds(items, hashes, k=3, seed=1).report
+    pairs = {(p["image_a"], p["role_a"], p["image_b"], p["role_b"]) for p in report["cross_role_pairs"]}
+    assert pairs == {("i0", "labeled", "i9", "unlabeled"), ("i3", "labeled", "i10", "test")}
+    assert report["test_duplicates_of_training"] == ["i10"]  # i11 duplicates nothing; i9 is no test image
+
+
 def test_fewer_groups_than_folds_fails_with_one_line():
     items = _synthetic_items(6).assign(patient_id=["p0", "p0", "p1", "p1", "p2", "p2"])
     hashes = pd.DataFrame({"image_id": items["image_id"], "pixel_hash": list("abcdef")})
-    with pytest.raises(DataError, match="only 3 patient/duplicate groups .* fewer than k=5"):
+    with pytest.raises(DataError, match="folds.k=5: the 6 labeled images form only 3 patient/duplicate groups, fewer "
+                                        "than k=5 folds"):
         assign_folds(items, hashes, k=5, seed=0)
 
 

@@ -19,10 +19,28 @@ def test_siim_study_and_image_rows():
     probs = pd.DataFrame({"image_id": ["a", "b"], "p:Negative for Pneumonia": [0.2, 0.4],
                           "p:Typical Appearance": [0.8, 0.6]})
     sub = siim_submission(PRED.assign(class_id=[0, 1]), probs, ITEMS, study_classes=["Negative for Pneumonia",
-                          "Typical Appearance"], no_finding_class=1).set_index("id")["PredictionString"]
+                          "Typical Appearance"], normal_class="Negative for Pneumonia", no_finding_class=1)
+    assert list(sub["id"]) == ["s1_study", "a_image", "b_image"]
+    sub = sub.set_index("id")["PredictionString"]
     assert sub["s1_study"] == "negative 0.3000 0 0 1 1 typical 0.7000 0 0 1 1"
-    assert sub["a_image"] == "opacity 0.4000 10.0 10.0 50.0 50.0 none 0.9000 0 0 1 1"
-    assert sub["b_image"] == "none 1 0 0 1 1"
+    # the gate's "No finding" row (class 1, score 0.9) is not used: 'none' is the classifier's P(negative)
+    assert sub["a_image"] == "opacity 0.4000 10.0 10.0 50.0 50.0 none 0.2000 0 0 1 1"
+    assert sub["b_image"] == "none 0.4000 0 0 1 1"
+
+
+def test_siim_rows_need_a_study_for_every_image_and_vinbigdata_uses_the_datasets_no_finding_id():
+    from cxr_noisy_student.datasets.errors import DataError
+
+    probs = pd.DataFrame({"image_id": ["a", "b"], "p:Negative for Pneumonia": [0.2, 0.4]})
+    with pytest.raises(DataError, match="the item table has no study_id for every image"):
+        siim_submission(PRED, probs, ITEMS.drop(columns="study_id"), study_classes=["Negative for Pneumonia"],
+                        normal_class="Negative for Pneumonia", no_finding_class=1)
+    with pytest.raises(DataError, match=r"no class probabilities \(p:Negative for Pneumonia\) for 1 images"):
+        siim_submission(PRED, probs.iloc[:1], ITEMS, study_classes=["Negative for Pneumonia"],
+                        normal_class="Negative for Pneumonia", no_finding_class=1)
+    two = vinbigdata_submission(PRED.assign(class_id=[0, 2]), ITEMS, no_finding_class=2).set_index("image_id")
+    assert two.loc["a", "PredictionString"] == "2 0.9000 0 0 1 1 0 0.4000 10 10 50 50"
+    assert two.loc["b", "PredictionString"] == "2 1 0 0 1 1"
 
 
 def test_gate_scoring_rewards_no_finding_on_normal_images():

@@ -34,8 +34,10 @@ def write_config(path: Path, data_root: Path, **sections) -> Path:
     return path
 
 
-def run_cli(*args: str, fault: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "YOLO_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "2"}
+def run_cli(*args: str, fault: str | None = None, timeout: float = 600, threads: int = 2) -> subprocess.CompletedProcess:
+    """The command line in a subprocess; ``threads``: torch's (one is far faster for tiny models on
+    a machine whose cores other jobs also use: two threads then wait on each other)."""
+    env = {**os.environ, "YOLO_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": str(threads)}
     env.pop("CXR_FAULT", None)
     if fault:
         env["CXR_FAULT"] = fault

@@ -25,6 +25,7 @@ table builder of :mod:`.common`; this package's API is what the rest of the engi
 from __future__ import annotations
 
 from ..config import DataConfig
+from ..demo_siim import siim_demo_paths
 from ..errors import DataError
 from ..table import ItemTable, Quarantine
 from .common import resolved_root
@@ -39,13 +40,18 @@ def load_dataset(cfg: DataConfig) -> ItemTable:
     """The item table for a :class:`datasets.config.DataConfig`, dispatching on ``cfg.format``.
 
     "demo" is the VinBigData layout written by :mod:`datasets.demo`: root/train.csv + train/,
-    root/test/ (unlabeled), root/holdout.csv + holdout/ (role "test", when present). For "siim",
+    root/test/ (unlabeled), root/holdout.csv + holdout/ (role "test", when present); with
+    ``demo_layout: siim`` the SIIM layout of :mod:`datasets.demo_siim`. For "siim",
     ``labels_csv`` / ``images_csv`` name the study-level / image-level tables when not the Kaggle
     defaults. VinBigData, SIIM and the demo fix their classes; the class settings apply to "generic".
     """
     q = Quarantine(cfg.on_bad_input)
     root = resolved_root(cfg.root)
-    if cfg.format in ("demo", "vinbigdata"):
+    if cfg.layout == "siim" and cfg.format == "demo":
+        paths = siim_demo_paths()
+        table = load_siim(root, paths["study_csv"], paths["image_csv"], paths["image_dir"], paths["unlabeled_dir"],
+                          holdout=paths["holdout"], quarantine=q)
+    elif cfg.format in ("demo", "vinbigdata"):
         holdout = "holdout.csv" if cfg.format == "demo" and (root / "holdout.csv").is_file() else None
         table = load_vinbigdata(root, train_csv=cfg.labels_csv or "train.csv", holdout_csv=holdout,
                                 holdout_dir="holdout", fuse=cfg.fuse_radiologists, iou_thr=cfg.radiologist_iou_thr,
@@ -81,6 +87,13 @@ def load_hidden_truth(cfg: DataConfig) -> ItemTable | None:
     must never reach training. Images keep role "unlabeled".
     """
     root = resolved_root(cfg.root)
+    if cfg.layout == "siim" and cfg.format == "demo":
+        study_csv, image_csv, image_dir = siim_demo_paths()["truth"]
+        if not (root / study_csv).is_file():
+            return None
+        table = load_siim(root, study_csv, image_csv, image_dir, unlabeled_dir=None,
+                          quarantine=Quarantine(cfg.on_bad_input))
+        return table.replace(items=table.items.assign(role="unlabeled"))
     if cfg.format not in ("demo", "vinbigdata") or not (root / "unlabeled_truth.csv").is_file():
         return None
     table = load_vinbigdata(root, train_csv="unlabeled_truth.csv", image_dir="test", unlabeled_dir=None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pydicom
+
 from ..table import ItemTable, Quarantine
 from .common import (
     DICOM_SUFFIXES,
@@ -11,6 +13,7 @@ from .common import (
     add_unlabeled,
     index_images,
     normalized_box,
+    parse_number,
     probe_all,
     read_csv_checked,
     reject_unlisted,
@@ -36,11 +39,18 @@ def parse_siim_boxes(text: str) -> list[tuple[float, float, float, float]]:
         value = ast.literal_eval(text)
         if not isinstance(value, list) or not all(isinstance(d, dict) for d in value):
             raise TypeError
-        return [(float(d["x"]), float(d["y"]), float(d["x"]) + float(d["width"]), float(d["y"]) + float(d["height"]))
-                for d in value]
+        numbers = [[_number(d[k]) for k in ("x", "y", "width", "height")] for d in value]
+        return [(x, y, x + w, y + h) for x, y, w, h in numbers]
     except (ValueError, TypeError, SyntaxError, KeyError, MemoryError, RecursionError):
         raise ValueError(f"cannot parse boxes {text[:80]!r}: expected [{{'x': .., 'y': .., 'width': .., "
                          f"'height': ..}}, ...]") from None
+
+
+def _number(value) -> float:
+    """A coordinate of a boxes cell: a real number (a quoted string or True is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(value)
+    return float(value)
 
 
 def _siim_label_count(text: str) -> int | None:
@@ -55,7 +65,7 @@ def _siim_label_count(text: str) -> int | None:
 def _flag(text: str) -> float | None:
     """'0' / '1' (or '0.0' / '1.0') -> 0.0 / 1.0; anything else -> None."""
     try:
-        value = float(text)
+        value = parse_number(text)
     except ValueError:
         return None
     return value if value in (0.0, 1.0) else None
@@ -63,7 +73,7 @@ def _flag(text: str) -> float | None:
 
 def _siim_studies(path: Path, q: Quarantine) -> dict[str, tuple[int, list[float]]]:
     """Study uid -> (line, one-hot label) from the study-level CSV; bad rows quarantined."""
-    df = read_csv_checked(path, ["id", *SIIM_STUDY_CLASSES])
+    df = read_csv_checked(path, ["id", *SIIM_STUDY_CLASSES], q)
     studies: dict[str, tuple[int, list[float]]] = {}
     for row in df.to_dict("records"):
         study, line = row["id"].removesuffix("_study"), row["_row"]
@@ -102,7 +112,7 @@ def _siim_image_row(row: dict, studies: dict, files: dict, seen: dict) -> tuple[
 
 
 def _add_siim_image(b: TableBuilder, path: Path, line: int, image_id: str, study: str, boxes: list,
-                    label: list[float], file: Path, probe) -> None:
+                    label: list[float], file: Path, probe, role: str) -> None:
     if isinstance(probe, str):
         b.q.reject(path, line, image_id, probe)
         return
@@ -115,15 +125,15 @@ def _add_siim_image(b: TableBuilder, path: Path, line: int, image_id: str, study
             complete = False
         else:
             kept.append(box)
-    if b.add_image(path, line, image_id=image_id, patient_id=patient or study, path=file, role="labeled",
-                   size=(width, height), label=label, box_labeled=complete):
+    if b.add_image(path, line, image_id=image_id, patient_id=patient or study, path=file, role=role,
+                   size=(width, height), label=label, box_labeled=complete, extra={"study_id": study}):
         for box in kept:
             b.add_box(image_id, 0, box, "gt")
 
 
 def load_siim(root: str | Path, study_csv: str = "train_study_level.csv", image_csv: str = "train_image_level.csv",
               image_dir: str = "train", unlabeled_dir: str | None = "test",
-              quarantine: Quarantine | None = None) -> ItemTable:
+              holdout: tuple[str, str, str] | None = None, quarantine: Quarantine | None = None) -> ItemTable:
     """Kaggle SIIM-FISABIO-RSNA COVID-19 layout: a study-level and an image-level CSV + DICOMs.
 
     Study CSV: ``id`` = "<study>_study" and the four one-hot study classes (exactly one must be 1).
@@ -133,36 +143,66 @@ def load_siim(root: str | Path, study_csv: str = "train_study_level.csv", image_
     file name (<study>/<series>/<image>.dcm in the Kaggle layout). One box class, "opacity"; the
     study label is copied to every image of the study; patient id = the DICOM PatientID
     (pseudonymized) or else the study id. Every train image was annotated for boxes, so images
-    without an opacity are box-labeled with zero boxes.
+    without an opacity are box-labeled with zero boxes. Every image gets its ``study_id`` (the
+    submission has one row per study): from the CSV for labeled images, for unlabeled ones from
+    the folder tree (<study>/<series>/<image>.dcm) or else the DICOM StudyInstanceUID.
 
     Args:
         root: data root; every image must resolve inside it.
         study_csv, image_csv, image_dir: the labeled tables and their images (role "labeled").
         unlabeled_dir: every DICOM under it becomes role "unlabeled" (None or absent: none).
+        holdout: (study CSV, image CSV, image folder) of a labeled hold-out in the same format
+            (role "test"), or None.
         quarantine: where bad rows go; a fresh quarantine-mode one when None.
     """
     q = quarantine or Quarantine("quarantine")
     root = resolved_root(root)
-    b = TableBuilder(SIIM_STUDY_CLASSES, SIIM_BOX_CLASSES, q)
+    b = TableBuilder(SIIM_STUDY_CLASSES, SIIM_BOX_CLASSES, q, root=root, extra_columns=("study_id",))
+    _add_siim_tables(b, root, study_csv, image_csv, image_dir, "labeled")
+    if holdout:
+        _add_siim_tables(b, root, *holdout, "test")
+    folder = root_folder(root, unlabeled_dir, required=False)
+    add_unlabeled(b, root, folder, recursive=True, suffixes=DICOM_SUFFIXES,
+                  extra_of=lambda path: _unlabeled_study(folder, path))
+    return b.table("multiclass", SIIM_STUDY_CLASSES[0])
+
+
+def _add_siim_tables(b: TableBuilder, root: Path, study_csv: str, image_csv: str, image_dir: str, role: str) -> None:
+    """One pair of SIIM tables and its image tree: every image row checked, then its header probed."""
+    q = b.q
     studies = _siim_studies(root / study_csv, q)
     path = root / image_csv
-    df = read_csv_checked(path, ["id", "boxes", "StudyInstanceUID"])
+    df = read_csv_checked(path, ["id", "boxes", "StudyInstanceUID"], q)
     files = index_images(root_folder(root, image_dir, required=True), root, q, recursive=True, suffixes=DICOM_SUFFIXES)
     accepted, seen = [], {}
     for row in df.to_dict("records"):
         image_id, study, boxes = _siim_image_row(row, studies, files, seen)
         if boxes is None:
-            q.reject(path, row["_row"], image_id, study)
+            q.reject(path, row["_row"], image_id or None, study)
             continue
         seen[image_id] = row["_row"]
         accepted.append((row["_row"], image_id, study, boxes))
     probes = probe_all([files[a[1]] for a in accepted])
     for line, image_id, study, boxes in accepted:
         _add_siim_image(b, path, line, image_id, study, boxes, studies[study][1], files[image_id],
-                        probes[files[image_id]])
+                        probes[files[image_id]], role)
     for study in sorted(set(studies) - {a[2] for a in accepted}):
         q.reject(root / study_csv, studies[study][0], study,
                  f"labels for absent images: no accepted row of {image_csv} has StudyInstanceUID {study!r}")
     reject_unlisted(b, files, set(seen), path)
-    add_unlabeled(b, root, root_folder(root, unlabeled_dir, required=False), recursive=True, suffixes=DICOM_SUFFIXES)
-    return b.table("multiclass", SIIM_STUDY_CLASSES[0])
+
+
+def _unlabeled_study(folder: Path, path: Path) -> dict | str:
+    """The study of an unlabeled image: <study>/<series>/<image>.dcm, else its StudyInstanceUID tag."""
+    parts = path.relative_to(folder).parts
+    if len(parts) == 3:
+        return {"study_id": parts[0]}
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"], force=True)
+        study = str(ds.get("StudyInstanceUID", "") or "").strip()
+    except Exception as exc:  # any header error: one quarantine line
+        return f"cannot read the DICOM header for its StudyInstanceUID ({type(exc).__name__})"
+    if not study:
+        return ("cannot tell the study of this image: it is not at <study>/<series>/<image>.dcm under the folder and "
+                "has no StudyInstanceUID tag")
+    return {"study_id": study}

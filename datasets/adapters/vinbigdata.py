@@ -15,8 +15,10 @@ from .common import (
     IMAGE_SUFFIXES,
     TableBuilder,
     add_unlabeled,
+    image_id_problem,
     index_images,
     normalized_box,
+    parse_int,
     probe_all,
     read_csv_checked,
     reject_unlisted,
@@ -79,7 +81,7 @@ def _vinbig_class(row: dict) -> tuple[int | None, str | None]:
     """(class id, None) or (None, why the class is unknown) for one train.csv row."""
     text = row["class_id"]
     try:
-        class_id = int(text)
+        class_id = parse_int(text)
     except ValueError:
         return None, f"unknown class: class_id {text!r} is not an integer"
     if not 0 <= class_id < len(VINBIG_CLASS_NAMES):
@@ -96,19 +98,24 @@ def _vinbig_rows(b: TableBuilder, df: pd.DataFrame, csv_path: Path, folder: Path
     """Rows grouped by image after the row-level checks; also the images that lost a row."""
     grouped: dict[str, list] = {}
     lost: set[str] = set()
+    first: dict[tuple, int] = {}
     for row in df.to_dict("records"):
         image_id, line = row["image_id"], row["_row"]
         class_id, problem = _vinbig_class(row)
-        if problem is None and not image_id:
-            problem = "empty image_id"
+        key = (image_id, class_id, row.get("rad_id", ""), *(row[c] for c in BOX_COLUMNS))
+        if problem is None and image_id_problem(image_id):
+            problem = image_id_problem(image_id)
+        elif problem is None and key in first:
+            problem = f"duplicated label row (identical to row {first[key]})"
         elif problem is None and b.seen(image_id):
             problem = f"duplicated image id (first seen in {b.seen(image_id)})"
         elif problem is None and image_id not in files:
             problem = f"labels for an absent image: no {image_id}{{{','.join(IMAGE_SUFFIXES)}}} in {folder}"
         if problem:
-            b.q.reject(csv_path, line, image_id, problem)
+            b.q.reject(csv_path, line, image_id or None, problem)
             lost.add(image_id)
             continue
+        first[key] = line
         cells = [row[c] for c in BOX_COLUMNS]
         grouped.setdefault(image_id, []).append((line, class_id, row.get("rad_id") or "gt", cells))
     return grouped, lost
@@ -142,7 +149,7 @@ def _add_vinbig_image(b: TableBuilder, csv_path: Path, image_id: str, rows: list
 
 def _add_vinbig_table(b: TableBuilder, root: Path, csv_path: Path, folder: Path, role: str) -> None:
     """All images of one VinBigData-format CSV (train.csv or a holdout) and its image folder."""
-    df = read_csv_checked(csv_path, VINBIG_COLUMNS)
+    df = read_csv_checked(csv_path, VINBIG_COLUMNS, b.q)
     files = index_images(folder, root, b.q)
     grouped, lost = _vinbig_rows(b, df, csv_path, folder, files)
     probes = probe_all([files[i] for i in grouped])
@@ -181,7 +188,7 @@ def load_vinbigdata(root: str | Path, train_csv: str = "train.csv", image_dir: s
     """
     q = quarantine or Quarantine("quarantine")
     root = resolved_root(root)
-    b = TableBuilder(VINBIG_STUDY_CLASSES, VINBIG_BOX_CLASSES, q)
+    b = TableBuilder(VINBIG_STUDY_CLASSES, VINBIG_BOX_CLASSES, q, root=root)
     _add_vinbig_table(b, root, root / train_csv, root_folder(root, image_dir, required=True), "labeled")
     if holdout_csv:
         holdout_folder = root_folder(root, holdout_dir or "holdout", required=True)

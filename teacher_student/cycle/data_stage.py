@@ -7,18 +7,20 @@ have it, the hidden truth of the pool -- kept apart so that only evaluation read
 from __future__ import annotations
 
 import logging
+import re
+import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from ...datasets.adapters import load_dataset, load_hidden_truth
-from ...datasets.atomic import atomic_path, read_table, write_json, write_table
+from ...datasets.atomic import atomic_path, read_json, read_table, write_json, write_table
 from ...datasets.cache import ImageCache
 from ...datasets.config import config_to_dict
-from ...datasets.errors import DataError
+from ...datasets.errors import ConfigError, DataError
 from ...datasets.folds import assign_folds, check_no_leak, hold_out_groups
-from ...datasets.table import ItemTable, Quarantine, load_table, save_table
+from ...datasets.table import ItemTable, Quarantine, format_problem, load_table, save_table
 from ...loops.device import resolve_device
 from ...loops.stages import source_digest
 from ..config import EngineConfig, detector_preprocess
@@ -31,7 +33,7 @@ log = logging.getLogger("cxr.cycle")
 def prepare(cfg: EngineConfig) -> RunContext:
     """Run (or reuse) the data stage and return the run's context, complete."""
     layout = RunLayout(Path(cfg.run.out), cfg.run.cache_dir)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(layout)
     with atomic_path(layout.config) as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     root = Path(cfg.data.root)
@@ -50,17 +52,44 @@ def prepare(cfg: EngineConfig) -> RunContext:
     groups = read_table(layout.data / GROUPS).set_index("image_id")["group"]
     check_no_leak(folds, groups)  # run-time guard: no patient or duplicate group straddles folds
     report_quarantine(table)
-    return RunContext(cfg, layout, table, truth, folds, device, records)
+    duplicates = read_json(layout.data / FOLD_REPORT).get("test_duplicates_of_training", [])
+    unscored = frozenset(duplicates) if cfg.folds.test_duplicates == "exclude" else frozenset()
+    return RunContext(cfg, layout, table, truth, folds, device, records, unscored_test=unscored)
+
+
+def claim_run_folder(layout: RunLayout) -> None:
+    """Make ``run.out`` a run folder of this engine, or refuse with one line.
+
+    A run writes and replaces whole folders in it (``data/``, ``final/``, ``gen<g>/``...), so it
+    may only write into a new or empty folder, or one that is already a run of this engine (it
+    holds the marker file, or a data stage of a run made before the marker existed): never into a
+    folder of the user's own files.
+    """
+    root = layout.root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"run.out {root}: is a file, not a folder")
+    if layout.run_marker.is_file():
+        return
+    if root.is_dir() and any(root.iterdir()) and not layout.is_run():
+        raise ConfigError(f"run.out {root}: the folder is not empty and is not a run of this engine (no "
+                          f"{layout.run_marker.name}): choose a new or empty folder, since a run replaces data/, "
+                          "final/ and the other folders it writes")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"run.out {root}: cannot create the folder ({err.strerror or err})") from None
+    write_json(layout.run_marker, {"engine": "cxr-noisy-student", "claimed": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def make_demo(cfg: EngineConfig, root: Path) -> None:
+    """Generate (or reuse) the built-in demo in its layout (``data.demo_layout``)."""
     from ...datasets.demo import make_demo_dataset
+    from ...datasets.demo_siim import make_siim_demo
 
-    if len(cfg.data.demo_counts) != 3:
-        raise DataError("data.demo_counts: give three numbers: labeled, unlabeled, test")
     labeled, unlabeled, test = cfg.data.demo_counts
-    make_demo_dataset(root, seed=cfg.data.demo_seed, n_labeled=labeled, n_unlabeled=unlabeled, n_test=test,
-                      size=cfg.data.demo_image_size)
+    make = make_siim_demo if cfg.data.demo_layout == "siim" else make_demo_dataset
+    make(root, seed=cfg.data.demo_seed, n_labeled=labeled, n_unlabeled=unlabeled, n_test=test,
+         size=cfg.data.demo_image_size)
 
 
 def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
@@ -75,10 +104,13 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
         bad = failures.iloc[0]
         Quarantine("error").reject(bad["path"], None, bad["image_id"], bad["problem"])
     table = drop_unreadable(table, failures)
+    check_enough_left(table)
+    check_study_labels(table)
     if cfg.data.test_fraction > 0:
         table = hold_out_test(cfg, table, cache.hashes())
-    fa = assign_folds(table.with_role("labeled"), cache.hashes(), k=cfg.folds.k, seed=cfg.folds.seed,
-                      phash_max_distance=cfg.folds.phash_max_distance)
+    fa = assign_folds(table.items, cache.hashes(), k=cfg.folds.k, seed=cfg.folds.seed,
+                      phash_max_distance=cfg.folds.phash_max_distance)  # every role: duplicates across roles too
+    report_test_duplicates(fa.report, cfg.folds.test_duplicates)
     save_table(stage_dir, table)
     write_table(stage_dir / FOLDS, fa.folds.rename("fold").rename_axis("image_id").reset_index())
     write_table(stage_dir / GROUPS, fa.groups.rename("group").rename_axis("image_id").reset_index())
@@ -87,6 +119,55 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     if truth is not None:
         save_table(stage_dir / layout.truth.name, truth)
     return {"table": table.summary(), "quarantined": int(len(table.quarantine)), "folds": fa.report}
+
+
+MOST_QUARANTINED = 0.5
+"""The run stops when more than this share of the images was quarantined (or no labeled image is
+left): a run on what remains would say nothing, and the cause is usually one setting."""
+
+
+def check_enough_left(table: ItemTable) -> None:
+    """One line when most or all images were quarantined: the count and the top reasons, before
+    the folds would fail with a message that names neither."""
+    q = table.quarantine
+    rejected = set(q["image_id"].dropna()) - set(table.items["image_id"])
+    total, labeled = len(rejected) + len(table.items), len(table.with_role("labeled"))
+    if labeled and len(rejected) <= MOST_QUARANTINED * total:
+        return
+    kinds = q["problem"].map(problem_kind).value_counts()
+    reasons = "; ".join(f"{n}x {kind}" for kind, n in kinds.head(3).items())
+    left = "no labeled image is left" if not labeled else f"{len(table.items)} images are left"
+    raise DataError(f"data: {len(rejected)} of {total} image ids were quarantined and {left} (top reasons: {reasons}); "
+                    f"first: {format_problem(q.iloc[0].to_dict())}" if len(q) else
+                    f"data: no labeled image in {total} images (every image has role unlabeled or test)")
+
+
+def problem_kind(problem: str) -> str:
+    """A quarantine problem without its particulars (paths, quoted values, numbers), so that the
+    rows of one cause count together."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", str(problem))
+    text = re.sub(r"(?<![\w'])/\S+", "…", text)
+    return re.sub(r"\d+(\.\d+)?", "N", text)
+
+
+def check_study_labels(table: ItemTable) -> None:
+    """The classifier (first of run.tasks: the detector's negatives and the gate read it) needs
+    labeled images of at least two study classes; one line saying what the labels hold instead."""
+    labeled = table.with_role("labeled")
+    labeled = labeled[labeled["has_study_label"]]
+    present = [c for c, col in zip(table.study_classes, table.label_columns) if (labeled[col] >= 0.5).any()]
+    if table.label_mode == "multiclass" and len(present) < 2:
+        held = f"only {present[0]!r}" if present else "no study label"
+        raise DataError(f"data: the {len(labeled)} labeled images with a study label hold {held}; the classifier "
+                        f"needs examples of at least two of the study classes {list(table.study_classes)}")
+
+
+def report_test_duplicates(report: dict, policy: str) -> None:
+    found = report["test_duplicates_of_training"]
+    if found:
+        log.warning("%d test images duplicate a labeled (training) image (e.g. %s); folds.test_duplicates %s: %s",
+                    len(found), found[0], policy,
+                    "left out of every test metric" if policy == "exclude" else "still scored (report only)")
 
 
 def hold_out_test(cfg: EngineConfig, table: ItemTable, hashes: pd.DataFrame) -> ItemTable:
@@ -118,4 +199,4 @@ def report_quarantine(table: ItemTable) -> None:
     q = table.quarantine
     if len(q):
         log.warning("%d input rows/files quarantined (see data/quarantine.csv); first: %s", len(q),
-                    "; ".join(f"{r.file}, row {r.row}: {r.problem}" for r in q.head(3).itertuples()))
+                    "; ".join(format_problem(r) for r in q.head(3).to_dict("records")))

@@ -39,7 +39,7 @@ def final_stage(ctx: RunContext, detector: DetectorTask | None, cls_pred: Path, 
                                     mode=cfg.gate.mode)
     write_table(out_dir / BOX_PREDICTIONS.format("raw"), boxes)
     write_table(out_dir / BOX_PREDICTIONS.format("gated"), gated)
-    test_ids = [i for i in ctx.ids("test") if i in ctx.box_labeled]
+    test_ids = [i for i in ctx.scored_test_ids() if i in ctx.box_labeled]
     gt = training_boxes(table)
     scores = {}
     for label, ids in (("oof", detector.labeled_ids()), ("test", test_ids)):
@@ -73,9 +73,9 @@ def write_submissions(ctx: RunContext, raw: pd.DataFrame, gated: pd.DataFrame, p
         items = ctx.table.with_role("unlabeled")
     nf = len(ctx.table.box_classes)
     for tag, boxes in (("raw", raw), ("gated", gated)):
-        if ctx.cfg.data.format == "siim":
+        if ctx.cfg.data.layout == "siim":
             sub = gating.siim_submission(boxes, pool_probs, items, study_classes=ctx.table.study_classes,
-                                         no_finding_class=nf)
+                                         normal_class=ctx.table.normal_class, no_finding_class=nf)
         else:
             sub = gating.vinbigdata_submission(boxes, items, no_finding_class=nf)
         write_table(out_dir / SUBMISSION.format(tag), sub)

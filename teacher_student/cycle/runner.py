@@ -13,13 +13,13 @@ from pathlib import Path
 
 from ...datasets.atomic import read_json, write_json
 from ...datasets.config import config_to_dict
-from ...loops.stages import file_digest
+from ...loops.stages import file_digest, hold_lock
 from ..config import EngineConfig, ladder_value
 from ..context import RunContext
-from ..layout import CLASSIFIER, DETECTOR
+from ..layout import CLASSIFIER, DETECTOR, RunLayout
 from ..tasks.base import Task
 from ..tasks.registry import TASK_KINDS
-from .data_stage import prepare
+from .data_stage import claim_run_folder, prepare
 from .final_stage import final_stage
 from .generation import train_generation
 from .references import ablation, gains, oracle
@@ -29,7 +29,15 @@ log = logging.getLogger("cxr.cycle")
 
 
 def run_cycles(cfg: EngineConfig) -> dict:
-    """Run data preparation, generation 0 and ``cfg.run.cycles`` teacher -> student cycles."""
+    """Run data preparation, generation 0 and ``cfg.run.cycles`` teacher -> student cycles, holding
+    the run folder's lock throughout (one run per folder: a second one is refused with one line)."""
+    layout = RunLayout(Path(cfg.run.out), cfg.run.cache_dir)
+    claim_run_folder(layout)
+    with hold_lock(layout.lock, what=f"run.out {layout.root}"):
+        return _run_cycles(cfg)
+
+
+def _run_cycles(cfg: EngineConfig) -> dict:
     started = time.perf_counter()
     ctx = prepare(cfg)
     tasks = [task for task in (TASK_KINDS[name](ctx) for name in cfg.run.tasks) if task.enabled()]

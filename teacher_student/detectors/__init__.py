@@ -44,6 +44,9 @@ def load_detector(path: str | Path, device: str | torch.device | None = "cpu") -
     ckpt = safe_torch_load(path, "detector checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("kind") not in _CLASSES:
         raise DataError(f"{path}: not a detector checkpoint of format {CHECKPOINT_FORMAT}")
+    if not ckpt.get("preprocess"):
+        raise DataError(f"{path}: the detector checkpoint carries no preprocessing (an older engine made it), so "
+                        "its inputs cannot be reproduced: retrain it")
     det = create_detector(ckpt["kind"], ckpt["name"], ckpt["num_classes"], ckpt["class_names"], ckpt["img_size"], preprocess=ckpt["preprocess"])
     det.input_shape = tuple(ckpt["input_shape"]) if ckpt.get("input_shape") else None
     det.history = list(ckpt.get("history") or [])

@@ -2,8 +2,9 @@
 
 ``DetBenchTrain`` returns ``{"loss", "class_loss", "box_loss"}``, the loss dict the loop trains on;
 ``EffdetTrainer`` adds only what is effdet's: AdamW (weight decay 1e-2 on every parameter) at the
-given lr with a per-step cosine schedule and no warmup, gradient clipping at 10, full precision,
-and the epoch with the lowest validation loss kept (the lowest train loss without validation).
+given lr with a per-step cosine schedule and no warmup, gradient clipping at 10, and the epoch with
+the lowest validation loss kept (the lowest train loss without validation). Mixed precision is the
+loop's own (on CUDA only; full precision on the CPU).
 """
 from __future__ import annotations
 
@@ -38,14 +39,24 @@ class EffdetDetector(Detector):
         super().__init__(*args, **kwargs)
         self._weights: dict[str, torch.Tensor] | None = None
         self._bench = None
-        self.mean = float(self.preprocess.get("mean", 0.5))
-        self.std = float(self.preprocess.get("std", 0.25))
+        if "mean" not in self.preprocess or "std" not in self.preprocess:  # never a silent default
+            raise ValueError("effdet normalises with the preprocessing's mean and std: pass "
+                             "create_detector(..., preprocess=<the PreprocessConfig of the cache>)")
+        self.mean, self.std = float(self.preprocess["mean"]), float(self.preprocess["std"])
 
     def _create(self, bench_task: str):
-        import effdet
+        """The effdet model (in its bench) at this size. Its post-processing takes the top
+        ``max_detection_points`` (5000) class scores over all anchors; a small input with few
+        classes has fewer (128 px, one class: 3069), so the count is capped to what exists (else
+        torch.topk fails on the first validation or prediction)."""
+        from effdet import create_model_from_config, get_efficientdet_config
 
-        return effdet.create_model(
-            self.name, bench_task=bench_task, num_classes=self.num_classes, image_size=(self.img_size, self.img_size),
+        config = get_efficientdet_config(self.name)
+        anchors = config.num_scales * len(config.aspect_ratios) * sum(
+            (self.img_size // 2**level) ** 2 for level in range(config.min_level, config.max_level + 1))
+        config.max_detection_points = min(config.max_detection_points, anchors * self.num_classes)
+        return create_model_from_config(
+            config, bench_task=bench_task, num_classes=self.num_classes, image_size=(self.img_size, self.img_size),
             pretrained=False, pretrained_backbone=False, bench_labeler=bench_task == "train",
         )
 
@@ -120,7 +131,7 @@ class EffdetTrainer(Trainer):
 
     def __init__(self, bench: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | None, *, epochs: int,
                  batch_size: int, lr: float, device: torch.device, seed: int, log: LogFn, name: str | None = None,
-                 patience: int = 0):
+                 patience: int = 0, amp: bool = True):
         drop_last = len(train_ds) % batch_size == 1  # a batch of one breaks batch norm on 1x1 maps
         loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=drop_last,
                             generator=torch.Generator().manual_seed(seed))
@@ -128,12 +139,16 @@ class EffdetTrainer(Trainer):
         optimizer = torch.optim.AdamW(bench.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps=0, total_steps=steps))
         super().__init__(bench, loader, optimizer, scheduler, epochs=epochs, device=device, grad_clip=GRAD_CLIP, name=name,
-                         patience=patience)
+                         patience=patience, amp=amp)
         self.val_ds, self.batch_size, self.log = val_ds, batch_size, log
 
     def forward(self, batch) -> tuple[dict[str, torch.Tensor], int]:
+        """The bench's loss dict, under the loop's mixed precision on CUDA (bf16, or fp16 with the
+        loop's GradScaler); the losses leave in float32 for the finite check and the history."""
         x, target = batch
-        return self.model(x.to(self.device), {k: v.to(self.device) for k, v in target.items()}), len(x)
+        with self.autocast():
+            losses = self.model(x.to(self.device), {k: v.to(self.device) for k, v in target.items()})
+        return {k: v.float() for k, v in losses.items()}, len(x)
 
     def end_epoch(self) -> dict:
         """One record (train loss as the mean over steps, val loss), logged; the lowest loss is kept."""

@@ -122,7 +122,9 @@ def class_scores(probs: np.ndarray, targets: np.ndarray | None, *, mode: LabelMo
     correct when the true argmax is c. Multilabel: every image, scored by p_c, correct when c is
     present. ``targets`` None (the unlabeled pool) gives all-False ``correct``.
     """
-    probs = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:  # (N, C) as given: an empty pool is (0, C), which reshape(0, -1) cannot infer
+        probs = probs.reshape(len(probs), -1)
     y = None if targets is None else np.asarray(targets, dtype=np.float64)
     out = []
     for c in range(probs.shape[1]):

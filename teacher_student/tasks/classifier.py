@@ -58,10 +58,16 @@ class ClassifierTask(Task):
 
     # ------------------------------------------------------------------ which images
     def labeled_ids(self) -> list[str]:
-        return self.ctx.labeled_ids
+        """Labeled images with a study label (a box-only image has no target to train or score on)."""
+        has = set(self.table.items.loc[self.table.items["has_study_label"], "image_id"])
+        return [i for i in self.ctx.labeled_ids if i in has]
 
     def pool_ids(self) -> list[str]:
-        return self.ctx.ids("unlabeled", "test")
+        """Unlabeled and test images, and labeled ones without a study label: the detector's
+        negatives and the gate read P(abnormal) of every image."""
+        items = self.ctx.table.items
+        pool = items["role"].isin(["unlabeled", "test"]) | ((items["role"] == "labeled") & ~items["has_study_label"])
+        return items.loc[pool, "image_id"].tolist()
 
     def every_fold_ids(self) -> list[str]:
         """The pool and the labeled images: a student fold blends its targets with its own teacher
@@ -301,7 +307,7 @@ class ClassifierTask(Task):
         out = {"oof": self.evaluate(preds["oof"])}
         if "pool" in preds:
             pool = preds["pool"]
-            out["test"] = self.evaluate(pool[pool["image_id"].isin(self.ctx.ids("test"))])
+            out["test"] = self.evaluate(pool[pool["image_id"].isin(self.ctx.scored_test_ids())])
             if self.ctx.truth is not None:
                 out["unlabeled_truth"] = self.evaluate(pool[pool["image_id"].isin(self.ctx.ids("unlabeled"))],
                                                        truth=self.ctx.truth)

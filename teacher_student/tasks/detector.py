@@ -20,6 +20,7 @@ from ...datasets.atomic import read_json, read_table, write_json, write_table
 from ...datasets.boxes import BOX_COLUMNS
 from ...datasets.config import config_to_dict, fingerprint
 from ...datasets.table import ItemTable
+from ...loops.checkpoint import preprocess_from_meta
 from ...loops.crossfit import FoldPlan
 from ...loops.det_metrics import mean_average_precision, true_positive_mask
 from .. import pseudo
@@ -121,7 +122,8 @@ class DetectorTask(Task):
         dc = self.cfg.detector
         gen, boxes = plan.train.generation, plan.train.boxes
         name = self.model_name(gen)
-        detector = create_detector(dc.kind, name, len(self.table.box_classes), list(self.table.box_classes), dc.img_size)
+        detector = create_detector(dc.kind, name, len(self.table.box_classes), list(self.table.box_classes), dc.img_size,
+                                   preprocess=detector_preprocess(self.cfg))
         result = detector.fit(list(plan.train_ids), list(plan.val_ids), boxes, self.load, out_dir / "work",
                               epochs=plan.epochs, batch_size=dc.batch_size, lr=dc.lr, img_size=dc.img_size,
                               randaugment_n=ladder_value(dc.randaugment_n, gen),
@@ -135,12 +137,16 @@ class DetectorTask(Task):
 
     # ------------------------------------------------------------------ prediction
     def predict(self, fold_dir: Path, fold: int, image_ids: Sequence[str]) -> pd.DataFrame:
-        """Boxes of one fold detector for every TTA view, tagged with the model ``f<fold>/<view>``."""
+        """Boxes of one fold detector for every TTA view, tagged with the model ``f<fold>/<view>``,
+        read through the cache of the checkpoint's own preprocessing (its normalisation too: effdet
+        reads mean/std from the checkpoint), never the run's current settings."""
         ids = list(image_ids)
         if not ids:
             return pd.DataFrame(columns=[*BOX_OUT, "model"])
-        detector = load_detector(fold_dir / DETECTOR_CHECKPOINT, str(self.ctx.device))
-        raw = detector.predict(ids, self.load, tta_hflip=self.flip_tta, conf_floor=self.cfg.detector.conf_floor,
+        path = fold_dir / DETECTOR_CHECKPOINT
+        detector = load_detector(path, str(self.ctx.device))
+        load = self.ctx.loader(preprocess_from_meta({"preprocess": detector.preprocess}, where=path))
+        raw = detector.predict(ids, load, tta_hflip=self.flip_tta, conf_floor=self.cfg.detector.conf_floor,
                                device=str(self.ctx.device), batch_size=self.cfg.detector.batch_size)
         return raw.assign(model=[f"f{fold}/{v}" for v in raw["view"]])[[*BOX_OUT, "model"]]
 
@@ -244,7 +250,7 @@ class DetectorTask(Task):
         gt = training_boxes(table)
         oof, pool = read_table(pred_dir / OOF_BOXES), read_table(pred_dir / POOL_FUSED)
         boxed = self.ctx.box_labeled
-        test_ids = [i for i in self.ctx.ids("test") if i in boxed]
+        test_ids = [i for i in self.ctx.scored_test_ids() if i in boxed]
         out = {"oof": evaluate_boxes(table, gt, oof, self.labeled_ids(), iou),
                "test": evaluate_boxes(table, gt, pool, test_ids, iou)}
         truth = self.ctx.truth
@@ -266,7 +272,8 @@ def training_set(gt: pd.DataFrame, train_ids: list[str], pseudo_boxes: pd.DataFr
         chosen = pseudo_images[pseudo_images["status"].isin(["boxes", "negative"])]["image_id"].tolist()
         ids += chosen
         boxes.append(pseudo_boxes[pseudo_boxes["image_id"].isin(set(chosen))][["image_id", "class_id", *BOX_COLUMNS]])
-    return ids, pd.concat(boxes, ignore_index=True)
+    dtypes = {"class_id": "int64", **{c: "float32" for c in BOX_COLUMNS}}  # an empty pseudo table reads as text
+    return ids, pd.concat([b.astype(dtypes) for b in boxes], ignore_index=True)
 
 
 def p_abnormal(table: ItemTable, cls_pred: Path, fold: int | None = None) -> pd.Series:
