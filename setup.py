@@ -44,7 +44,11 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # Hugging Face datasets: tests/test_install.py installs the engine beside it and runs both.
+        # tensorboard: the live-scalars test; both are what Kaggle images and ML environments ship.
+        "test": ["pytest>=8", "datasets>=3", "tensorboard>=2.14"],
+        # run.tensorboard: true writes TensorBoard scalars (tensorboard --logdir <run.out>).
+        "tensorboard": ["tensorboard>=2.14"],
         # 12-bit lossy JPEG DICOMs. GPL-3 licensed, hence opt-in.
         "jpeg-lossy": ["pylibjpeg-libjpeg>=2.0"],
     },

@@ -27,6 +27,7 @@ from ...loops.crossfit import FoldPlan
 from ...loops.metrics import classification_metrics
 from ...loops.predict import predict_probs
 from ...loops.train import fit
+from ...loops.trainer import ProgressHook
 from .. import pseudo
 from ..config import ladder_value, matched_epochs
 from ..evaluation import class_truth_precision, class_truth_precision_per_class
@@ -168,9 +169,15 @@ class ClassifierTask(Task):
         val_ds = ClassificationDataset(load, list(plan.val_ids), self.table.study_targets(plan.val_ids), None, None,
                                        pp.mean, pp.std)
         train_cfg = replace(cfg.classifier.train, epochs=plan.epochs, patience=plan.patience or cfg.classifier.train.patience)
+        hooks = [ProgressHook()]
+        logdir = self.tensorboard_dir(out_dir, plan.fold)
+        if logdir is not None:
+            from ...loops.tensorboard import TensorBoardHook
+
+            hooks.append(TensorBoardHook(logdir))
         result = fit(model, train_ds, val_ds, train_cfg, loss=self.loss_kind,
                      metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info,
-                     name=f"{CLASSIFIER} gen {gen} fold {plan.fold}")
+                     name=f"{CLASSIFIER} gen {gen} fold {plan.fold}", hooks=hooks)
         meta = {
             "model_name": name, "num_classes": len(self.table.study_classes),
             "class_names": list(self.table.study_classes), "drop_rate": drop, "drop_path_rate": drop_path,
