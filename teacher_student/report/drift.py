@@ -21,7 +21,8 @@ def generation_metrics(d: CycleData) -> list[dict]:
     summary.json for older runs); a generation not recorded yet has no row."""
     out = []
     for g, rec in sorted(d.metrics.items()):
-        out.append({"generation": g, "model": rec.get("model"), "detector_model": rec.get("detector_model"),
+        out.append({"generation": g, "source": rec.get("source"), "model": rec.get("model"),
+                    "detector_model": rec.get("detector_model"),
                     "auc_oof": dig(rec, "classifier", "oof", "auc_macro"),
                     "auc_test": dig(rec, "classifier", "test", "auc_macro"),
                     "map_oof": dig(rec, "detector", "oof", "map"), "map_test": dig(rec, "detector", "test", "map")})

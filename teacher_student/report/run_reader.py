@@ -188,7 +188,9 @@ def generation_metrics(layout: RunLayout, cycle: int, summary: dict | None) -> d
     known = {g.get("generation"): g for g in (summary or {}).get("generations", [])}
     out = {}
     for gen in range(cycle + 1):
-        record = optional_json(layout.metrics(gen)) or known.get(gen)
+        record = optional_json(layout.metrics(gen))
         if record is not None:
-            out[gen] = record
+            out[gen] = {**record, "source": "metrics.json"}
+        elif gen in known:
+            out[gen] = {**known[gen], "source": "summary.json"}
     return out
