@@ -74,8 +74,19 @@ class Progress:
                           bar_format=LOG_FORMAT if total else "{desc}: {n_fmt} {unit} in {elapsed}, {rate_fmt}{postfix}",
                           delay=interval)
         self.bar = tqdm(disable=self.mode == "off", **kwargs)
+        self.done, self._total = 0, total or None
+
+    @property
+    def n(self) -> int:
+        """Units done so far (counted also when nothing is shown)."""
+        return self.done
+
+    @property
+    def total(self) -> int | None:
+        return self._total
 
     def update(self, n: int = 1) -> None:
+        self.done += n
         self.bar.update(n)
 
     def note(self, **values) -> None:

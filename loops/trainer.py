@@ -84,10 +84,10 @@ class ProgressHook(Hook):
                           **{k: float(v.item()) for k, v in trainer.losses.items()})
 
     def close(self, trainer: "Trainer") -> None:
-        if self.bar is not None:
+        if self._redirect is not None:
             self._redirect.__exit__(None, None, None)
+            self._redirect = None
             self.bar.close()
-            self.bar = None
 
 
 # ------------------------------------------------------------------------------ the loop

@@ -9,9 +9,9 @@ Why the report is checked by decoding its embedded PNGs with PIL rather than by 
 browser: the PNG check is deterministic (no fonts, no GPU, no browser version), needs nothing CI
 lacks (headless Chromium is not installed there), runs in milliseconds, and tests what can actually
 go wrong with an embedded figure (a truncated or mis-encoded data URI, an empty canvas, a figure
-of absurd size). A browser would add only layout, which no assertion here could judge. One test
-does also screenshot the page with headless Chromium when ``chromium`` is on the PATH, as a smoke
-test of "it opens offline"; it is skipped elsewhere.
+of absurd size). Where ``chromium`` is on the PATH, two tests also screenshot the page with headless
+Chromium: it opens offline, and the headline's red flags are on the first screen (1280 x 800); they
+are skipped elsewhere.
 """
 from __future__ import annotations
 
