@@ -48,9 +48,10 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        # Hugging Face datasets: tests/test_install.py installs the engine beside it and runs both.
-        # tensorboard: the live-scalars test; both are what Kaggle images and ML environments ship.
-        "test": ["pytest>=8", "datasets>=3", "tensorboard>=2.14"],
+        # Hugging Face datasets: tests/test_install.py installs the engine beside it and runs both
+        # (building it offline with this environment's setuptools, which must build wheels itself);
+        # tensorboard: the live-scalars test. Both are what Kaggle images and ML environments ship.
+        "test": ["pytest>=8", "datasets>=3", "tensorboard>=2.14", "setuptools>=70.1"],
         # run.tensorboard: true writes TensorBoard scalars (tensorboard --logdir <run.out>).
         "tensorboard": ["tensorboard>=2.14"],
         # 12-bit lossy JPEG DICOMs. GPL-3 licensed, hence opt-in.

@@ -4,7 +4,9 @@ Why both: a person watching a terminal wants a live bar (epochs and steps while 
 while predicting and fusing); CI, ``nohup ... > log`` and notebooks' captured output want a line
 every so often instead of thousands of carriage returns. One object, :class:`Progress`, decides by
 where the output goes (``sys.stderr.isatty()``), and ``CXR_PROGRESS=bar|log|off`` overrides it.
-tqdm computes the rate and ETA in both modes (in log mode it writes through :class:`_LogLine`).
+tqdm computes the rate and ETA in both modes; in log mode the lines are written here (a line once
+``interval`` seconds have passed since the last, and a closing one if the count moved since), so a
+short job writes nothing and a finished one is not repeated.
 
 Log lines go to the ``cxr.progress`` logger at INFO, so ``run_cycle.py -q`` silences them; bars are
 shown only where that logger would print INFO too. Imports nothing of the project (any layer may
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from contextlib import nullcontext
 from typing import Literal
 
@@ -40,13 +43,10 @@ def progress_mode() -> Mode:
     return "bar" if getattr(stream, "isatty", lambda: False)() else "log"
 
 
-class _LogLine:
-    """A file for tqdm that turns each refresh into one log line (tqdm writes ``\\r`` + the line)."""
+class _Discard:
+    """tqdm's output in log mode: nothing (tqdm only keeps the counts, the rate and the ETA)."""
 
-    def write(self, text: str) -> None:
-        line = text.strip("\r\n ")
-        if line:
-            log.info(line)
+    def write(self, text: str) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -67,14 +67,16 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.mode = mode or progress_mode()
-        self.desc = desc
+        self.desc, self.interval = desc, float(interval)
         kwargs = dict(total=total or None, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
         if self.mode == "log":
-            kwargs.update(file=_LogLine(), mininterval=interval, maxinterval=interval, ascii=True, leave=True,
-                          bar_format=LOG_FORMAT if total else "{desc}: {n_fmt} {unit} in {elapsed}, {rate_fmt}{postfix}",
-                          delay=interval)
+            kwargs.update(file=_Discard(), mininterval=float("inf"), ascii=True,
+                          bar_format=LOG_FORMAT if total else "{desc}: {n_fmt} {unit} in {elapsed}, {rate_fmt}{postfix}")
         self.bar = tqdm(disable=self.mode == "off", **kwargs)
         self.done, self._total = 0, total or None
+        self._started = self._last_line = time.monotonic()
+        self._logged_at: int | None = None
+        """``done`` when the last log line was written (None: none yet)."""
 
     @property
     def n(self) -> int:
@@ -88,6 +90,13 @@ class Progress:
     def update(self, n: int = 1) -> None:
         self.done += n
         self.bar.update(n)
+        if self.mode == "log" and time.monotonic() - self._last_line >= self.interval:
+            self._log_line()
+
+    def _log_line(self) -> None:
+        """One log line with the count, elapsed time, ETA and rate (tqdm's meter, without a bar)."""
+        log.info(self.bar.format_meter(**self.bar.format_dict))
+        self._last_line, self._logged_at = time.monotonic(), self.done
 
     def note(self, **values) -> None:
         """Short values shown after the bar (loss, epoch), refreshed with it (no extra line)."""
@@ -102,6 +111,9 @@ class Progress:
         return logging_redirect_tqdm()
 
     def close(self) -> None:
+        """Ends the bar; in log mode a last line, if earlier lines were written and it moved since."""
+        if self.mode == "log" and self._logged_at is not None and self._logged_at != self.done:
+            self._log_line()
         self.bar.close()
 
     def __enter__(self) -> "Progress":

@@ -91,7 +91,6 @@ def linear_trainer(hooks, epochs=3, name="classifier gen 0 fold 1") -> Trainer:
 def test_progress_hook_one_bar_over_every_step_named_by_the_run(info_logs, monkeypatch):
     monkeypatch.setenv(PROGRESS_ENV, "log")
     hook = ProgressHook(every=1)
-    monkeypatch.setattr("cxr_noisy_student.datasets.progress.LOG_INTERVAL_S", 0.0)
     linear_trainer([hook]).train()
     assert hook.bar.n == hook.bar.total == 12  # 3 epochs x 4 steps
     assert hook.bar.desc == "classifier gen 0 fold 1"

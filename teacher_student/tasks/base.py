@@ -125,6 +125,13 @@ class Task(abc.ABC):
     def student_steps(self) -> float:
         """Students' optimizer steps as a multiple of the teacher's (this task's config)."""
 
+    def run_name(self, out_dir: Path, gen: int, fold: int) -> str:
+        """How logs, progress bars and training errors name a fold model: "classifier gen 1 fold 0",
+        or for a reference model (trained in its own folder) "classifier oracle fold 0"."""
+        owner = Path(out_dir).parent.parent.name  # <out>/<gen<g> | oracle | ablation>/<task>/<stage dir>
+        where = f"gen {gen}" if owner == f"gen{gen}" else owner
+        return f"{self.name} {where} fold {fold}"
+
     def tensorboard_dir(self, out_dir: Path, fold: int) -> Path | None:
         """Where fold ``fold``'s live TensorBoard scalars go (``out_dir`` is the fold stage's
         temporary directory, swapped in as ``fold<k>`` beside it); None when run.tensorboard is off."""

@@ -177,7 +177,7 @@ class ClassifierTask(Task):
             hooks.append(TensorBoardHook(logdir))
         result = fit(model, train_ds, val_ds, train_cfg, loss=self.loss_kind,
                      metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info,
-                     name=f"{CLASSIFIER} gen {gen} fold {plan.fold}", hooks=hooks)
+                     name=self.run_name(out_dir, gen, plan.fold), hooks=hooks)
         meta = {
             "model_name": name, "num_classes": len(self.table.study_classes),
             "class_names": list(self.table.study_classes), "drop_rate": drop, "drop_path_rate": drop_path,

@@ -112,7 +112,7 @@ class DetectorTask(Task):
         gen, boxes = plan.train.generation, plan.train.boxes
         name = self.model_name(gen)
         detector = create_detector(dc.kind, name, len(self.table.box_classes), list(self.table.box_classes), dc.img_size)
-        run_name = f"{DETECTOR} gen {gen} fold {plan.fold}"
+        run_name = self.run_name(out_dir, gen, plan.fold)
         logdir = self.tensorboard_dir(out_dir, plan.fold)
         scalars = None
         if logdir is not None:
