@@ -58,8 +58,10 @@ def curves_panel(axes, curves: dict[int, list[dict]], title: str, metric_name: s
     metric_ax.set(title=f"{title}: {metric_name}", xlabel="epoch", ylim=(0, 1))
     from matplotlib.ticker import MaxNLocator
 
+    last = max((int(r.get("epoch", i + 1)) for rows in curves.values() for i, r in enumerate(rows)), default=1)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, last + 0.5)
     for ax in axes:
         ax.title.set_fontsize(9)
         if ax.get_legend_handles_labels()[0]:
