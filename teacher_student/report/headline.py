@@ -78,7 +78,7 @@ def verdict_sentence(*, cycle: int, folds: int, classes: dict[str, dict] | None,
                  else ", precision unknown (no hidden truth: see the OOF estimates below)" if not has_truth else "")
         parts.append(f"{total} {what}{right} ({_counts_text(per_class)})")
     if negatives:
-        parts.append(f"{negatives} negative images (no finding)")
+        parts.append(f"{negatives} negative image{'' if negatives == 1 else 's'} (no finding)")
     if not parts:
         return f"Cycle {cycle} made no pseudo labels."
     text = head + " " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
