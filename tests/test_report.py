@@ -673,7 +673,7 @@ def test_index_shows_gains_and_reference_models(tmp_path):
     run.mkdir()
     write_json(run / "summary.json", summary)
     text = write_index(run).read_text()
-    assert "What the pseudo labels gave" in text and "undefined: the oracle (0.200)" in text and ">0.080<" in text
+    assert "What the pseudo labels gave" in text and "undefined: the oracle (0.200)" in text and ">+0.080<" in text
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -155,10 +155,15 @@ def gain_rows(gains: dict) -> list[dict]:
         gap = g.get("gap_closed")
         rows.append({"metric": GAIN_LABELS.get(key, key), "teacher": g.get("teacher"), "student": g.get("student"),
                      "ablation": g.get("ablation"), "oracle": g.get("oracle"),
-                     "student - ablation": g.get("student_minus_ablation"),
-                     "student - teacher": g.get("student_minus_teacher"),
+                     "student - ablation": _signed(g.get("student_minus_ablation")),
+                     "student - teacher": _signed(g.get("student_minus_teacher")),
                      "gap closed": gap if isinstance(gap, (int, float)) else str(gap or "–")})
     return rows
+
+
+def _signed(value) -> str:
+    """A difference with its sign (+0.080), the way a gain is read."""
+    return "–" if value is None else f"{value:+.3f}"
 
 
 def summary_rows(summary: dict) -> list[dict]:
