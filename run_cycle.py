@@ -3,6 +3,7 @@
     python run_cycle.py --cycles 3                      # the built-in demo, end to end
     python run_cycle.py --config my.yaml --out runs/x   # your data (see README: "Using your own data")
     python run_cycle.py export --run runs/demo --cycle 2 --format yolo --dest exports/yolo
+    python run_cycle.py --version
 """
 from __future__ import annotations
 
@@ -60,19 +61,53 @@ config keys (override any with --set section.key=value; unknown keys fail with a
   pseudo.mode soft|hard, pseudo.temperature, pseudo.confidence, pseudo.target_precision, pseudo.balance
   detector.kind yolo|effdet, detector.ladder, detector.iou_thr, detector.skip_box_thr, detector.metric_iou
   gate.mode hard|soft|off, gate.low, gate.high, gate.tune_on_oof
-  run.cycles, run.out, run.device, run.seed, run.workers
-The README's "Config reference" lists every key with its default.
+  run.cycles, run.out, run.device, run.seed, run.workers, run.tensorboard
+The README's "Config reference" (run_cycle.py --config-reference) lists every key with its default.
 
 examples:
   python run_cycle.py --cycles 3
   python run_cycle.py --config teacher_student/presets/cxr_covid.yaml --data ../shared/data/cxr-covid-ieee8023
   python run_cycle.py --cycles 1 --set classifier.train.epochs=2 --set detector.enabled=false
+  python run_cycle.py export --run runs/demo --cycle 3 --format coco --dest exports/c3.json
+  python run_cycle.py --set run.tensorboard=true       # then: tensorboard --logdir runs/demo
+
+Progress: a bar per training and prediction on a terminal, a log line with an ETA every 20 s
+elsewhere (CI, a log file); CXR_PROGRESS=bar|log|off overrides. Each cycle's report is written as
+soon as its pseudo labels exist (open index.html while the next cycle trains).
 """
 
 
+USAGE = """run_cycle.py [--config YAML] [--data DIR] [--out DIR] [--cycles N] [--set KEY=VALUE ...] [options]
+       run_cycle.py export --run DIR [--cycle N] --format {csv,yolo,coco,submission} --dest PATH [--include-labeled]
+       run_cycle.py --version"""
+
+SUBCOMMANDS = """\
+subcommands:
+  export             a cycle's pseudo labels as CSV, a YOLO folder or COCO JSON (with the images they name),
+                     or the final submissions; see: run_cycle.py export --help
+"""
+
+
+def version_text() -> str:
+    """The engine's version and the libraries that decide its numbers (for bug reports)."""
+    from importlib import metadata
+
+    from cxr_noisy_student.teacher_student import __version__
+
+    libs = []
+    for name in ("torch", "timm", "ultralytics", "effdet"):
+        try:
+            libs.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            libs.append(f"{name} not installed")
+    return f"cxr-noisy-student {__version__} (python {sys.version.split()[0]}, {', '.join(libs)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_cycle.py", description=DESCRIPTION, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="run_cycle.py", usage=USAGE, description=DESCRIPTION, epilog=SUBCOMMANDS + "\n" + EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=version_text(),
+                   help="print the engine's version (and torch/timm/ultralytics/effdet) and exit")
     p.add_argument("--cycles", type=int, help="teacher -> student cycles after cycle 0 (default: config, 3)")
     p.add_argument("--config", help="YAML config (default: the built-in demo preset)")
     p.add_argument("--data", help="data root (overrides data.root)")

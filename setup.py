@@ -6,14 +6,18 @@ One import root, ``cxr_noisy_student``, mapped onto the card's folders (``datase
 most ML environments (Kaggle's among them) ship. Inside the packages imports are relative.
 ``run_cycle.py`` maps the same root onto a plain checkout, so it also runs without installing.
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 IMPORT_ROOT = "cxr_noisy_student"
 FOLDERS = find_packages(include=["teacher_student*", "loops*", "augment*", "datasets*"])
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "teacher_student" / "__init__.py").read_text())[1]
 
 setup(
     name="cxr-noisy-student",
-    version="0.1.0",
+    version=VERSION,
     description="Self-training (noisy-student) pseudo-labeling engine for chest radiographs",
     python_requires=">=3.10",
     packages=[f"{IMPORT_ROOT}.{name}" for name in FOLDERS],
@@ -44,7 +48,12 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # Hugging Face datasets: tests/test_install.py installs the engine beside it and runs both
+        # (building it offline with this environment's setuptools, which must build wheels itself);
+        # tensorboard: the live-scalars test. Both are what Kaggle images and ML environments ship.
+        "test": ["pytest>=8", "datasets>=3", "tensorboard>=2.14", "setuptools>=70.1"],
+        # run.tensorboard: true writes TensorBoard scalars (tensorboard --logdir <run.out>).
+        "tensorboard": ["tensorboard>=2.14"],
         # 12-bit lossy JPEG DICOMs. GPL-3 licensed, hence opt-in.
         "jpeg-lossy": ["pylibjpeg-libjpeg>=2.0"],
     },

@@ -50,7 +50,6 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -61,10 +60,10 @@ import cv2
 import numpy as np
 from scipy.fft import dctn
 import pandas as pd
-from tqdm import tqdm
 
 from .readers import READER_VERSION, read_image
 from .errors import DataError
+from .progress import Progress
 from .atomic import atomic_path, read_json, write_json
 from .config import PreprocessConfig, fingerprint
 
@@ -221,7 +220,7 @@ class ImageCache:
         last_flush = time.monotonic()
         clip = tuple(self.params["percentile_clip"])
         tasks = [(path, str(self._file(key)), self.size, clip) for _, path, key in todo]
-        with tqdm(total=len(tasks), desc=f"cache {self.size}px", unit="img", disable=None, file=sys.stderr) as bar:
+        with Progress(len(tasks), f"cache {self.size}px", "img") as bar:
             for (image_id, path, key), result in zip(todo, _map(_build_one, tasks, workers)):
                 bar.update()
                 if "problem" in result:

@@ -20,8 +20,11 @@ from typing import Any, Callable, Protocol, Sequence
 import pandas as pd
 
 from ..datasets.errors import DataError
+from ..datasets.progress import Progress
 from .stages import file_digest
 
+PREDICT_CHUNK = 256
+"""Images per predict call (see _predict_in_chunks)."""
 TRAIN_IDS = "train_ids.txt"
 """Written into every fold directory by the loop: the fold model's distinct training images."""
 
@@ -92,14 +95,33 @@ def _predict(estimator: FoldEstimator, fold_dirs: dict[int, Path], folds: pd.Ser
     assert_out_of_fold(assignment, folds, oof_ids, {k: trained_on(d) for k, d in fold_dirs.items()},
                        where=out_dir.parent.parent / out_dir.parent.name)
     oof_parts, pool_parts = [], []
-    for k, fold_dir in fold_dirs.items():
-        if assignment[k]:
-            oof_parts.append(estimator.predict(fold_dir, k, assignment[k]).assign(fold=k))
-        if pool_ids:
-            pool_parts.append(estimator.predict(fold_dir, k, list(pool_ids)).assign(fold=k))
+    total = len(oof_ids) + len(fold_dirs) * len(pool_ids)
+    where = f"{out_dir.parent.parent.name}/{out_dir.parent.name}/predictions"
+    with Progress(total, where, "img") as bar:
+        for k, fold_dir in fold_dirs.items():
+            if assignment[k]:
+                oof_parts.append(_predict_in_chunks(estimator, fold_dir, k, assignment[k], bar))
+            if pool_ids:
+                pool_parts.append(_predict_in_chunks(estimator, fold_dir, k, list(pool_ids), bar))
     oof = pd.concat(oof_parts, ignore_index=True) if oof_parts else pd.DataFrame(columns=["image_id", "fold"])
     pool = pd.concat(pool_parts, ignore_index=True) if pool_parts else pd.DataFrame(columns=["image_id", "fold"])
     return estimator.write_predictions(oof, pool, out_dir)
+
+
+def _predict_in_chunks(estimator: FoldEstimator, fold_dir: Path, fold: int, ids: list[str], bar: Progress) -> pd.DataFrame:
+    """One fold model's predictions of ``ids``, PREDICT_CHUNK images per call so that the bar moves.
+
+    The chunk is a multiple of every batch size in use (8 ... 64), so batches -- and therefore the
+    numbers -- are those of one call over all images; the fold model is loaded once per chunk,
+    which is small next to predicting 256 images.
+    """
+    parts = []
+    for start in range(0, len(ids), PREDICT_CHUNK):
+        chunk = ids[start:start + PREDICT_CHUNK]
+        parts.append(estimator.predict(fold_dir, fold, chunk))
+        bar.update(len(chunk))
+    non_empty = [p for p in parts if len(p)] or parts[:1]
+    return pd.concat(non_empty, ignore_index=True).assign(fold=fold)
 
 
 def trained_on(fold_dir: Path) -> set[str]:

@@ -156,7 +156,7 @@ class ClassifierTrainer(Trainer):
             if row["best"]:
                 self.best_metric = row["metric"]
         stop = f" | early stop: no better metric for {self.cfg.patience} epochs" if self.stop else ""
-        self.log(_format_row(row, self.cfg.epochs) + stop)
+        self.log((f"{self.name}: " if self.name else "") + _format_row(row, self.cfg.epochs) + stop)
         return row
 
     @torch.no_grad()

@@ -58,26 +58,36 @@ class Hook:
     def after_step(self, trainer: "Trainer") -> None: ...
     def after_epoch(self, trainer: "Trainer") -> None: ...
     def after_train(self, trainer: "Trainer") -> None: ...
+    def close(self, trainer: "Trainer") -> None:
+        """Always called last, also when training fails: release what before_train took."""
 
 
 class ProgressHook(Hook):
-    """A tqdm bar per epoch with the running loss (read every ``every`` steps, to avoid GPU syncs)."""
+    """One progress bar per fit over all its steps, with epoch and running loss (``datasets.progress``:
+    a bar on a terminal, a log line with an ETA every few seconds elsewhere). The loss is read every
+    ``every`` steps only (``.item()`` is a GPU sync); epoch log lines print above the bar."""
 
     def __init__(self, every: int = 10):
-        self.every, self.bar = every, None
+        self.every, self.bar, self._redirect = every, None, None
 
-    def before_epoch(self, trainer: "Trainer") -> None:
-        from tqdm.auto import tqdm
+    def before_train(self, trainer: "Trainer") -> None:
+        from ..datasets.progress import Progress
 
-        self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", leave=False)
+        self.bar = Progress(trainer.epochs * trainer.steps_per_epoch, trainer.name or "training", "step")
+        self._redirect = self.bar.logging_redirected()
+        self._redirect.__enter__()
 
     def after_step(self, trainer: "Trainer") -> None:
         self.bar.update(1)
         if trainer.step % self.every == 0:
-            self.bar.set_postfix({k: f"{v.item():.4f}" for k, v in trainer.losses.items()})
+            self.bar.note(epoch=f"{trainer.epoch + 1}/{trainer.epochs}",
+                          **{k: float(v.item()) for k, v in trainer.losses.items()})
 
-    def after_epoch(self, trainer: "Trainer") -> None:
-        self.bar.close()
+    def close(self, trainer: "Trainer") -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+            self.bar.close()
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -138,19 +148,22 @@ class Trainer:
     # -------------------------------------------------------------- the loop
     def train(self) -> None:
         """Run the epochs; on return the model holds the best weights (the last without a score)."""
-        self._call("before_train")
-        for self.epoch in range(self.epochs):
-            self._call("before_epoch")
-            self.epoch_started, self.epoch_steps = time.perf_counter(), []
-            self.model.train()
-            for batch in self.loader:
-                self.run_step(batch)
-                self._call("after_step")
-            self.history.append(self.end_epoch())
-            self._call("after_epoch")
-            if self.stop:
-                break
-        self._call("after_train")
+        try:
+            self._call("before_train")
+            for self.epoch in range(self.epochs):
+                self._call("before_epoch")
+                self.epoch_started, self.epoch_steps = time.perf_counter(), []
+                self.model.train()
+                for batch in self.loader:
+                    self.run_step(batch)
+                    self._call("after_step")
+                self.history.append(self.end_epoch())
+                self._call("after_epoch")
+                if self.stop:
+                    break
+            self._call("after_train")
+        finally:
+            self._call("close")
         self.finish()
 
     def run_step(self, batch: Any) -> None:

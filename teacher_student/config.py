@@ -200,6 +200,10 @@ class RunConfig:
     """Early stopping of the oracle: epochs without a better validation score (its fold's labeled images)."""
     cache_dir: str = ""
     """Preprocessing cache; empty: <out>/cache. Share one between runs to decode each image once."""
+    tensorboard: bool = False
+    """Write TensorBoard scalars of every fold model (losses, metric, learning rate per epoch, live)
+    under <out>/tensorboard: ``tensorboard --logdir <out>``. Needs the tensorboard package (extra
+    ``[tensorboard]``); the run stops with one line if it is missing."""
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,15 @@ import pandas as pd
 from ensemble_boxes import weighted_boxes_fusion
 
 from ..datasets.boxes import BOX_COLUMNS, box_problem, iou_matrix
+from ..datasets.progress import Progress
 
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 INPUT_COLUMNS = ["image_id", "class_id", *BOX_COLUMNS, "score", "model"]
 FUSED_COLUMNS = ["image_id", "class_id", *BOX_COLUMNS, "score", "n_models", "models"]
 MODEL_SEPARATOR = ";"
+FUSE_CHUNK = 64
+"""Images fused between two progress updates (serial fusion)."""
 
 
 def fuse_boxes(
@@ -47,6 +50,7 @@ def fuse_boxes(
     weights: Mapping[str, float] | None = None,
     models: Sequence[str] | None = None,
     workers: int = 0,
+    desc: str = "WBF fusion",
 ) -> pd.DataFrame:
     """Fuse each image's predictions over its model groups with WBF.
 
@@ -60,6 +64,7 @@ def fuse_boxes(
         models: Every model of the ensemble, including any that predicted nothing (they lower
             "avg" scores); default: the models present in ``predictions``.
         workers: >1 fuses chunks of images in that many processes (same result as serial).
+        desc: names the progress bar (``datasets.progress``: a bar, or a log line every few seconds).
 
     Returns:
         image_id, class_id, x_min, y_min, x_max, y_max, score, n_models, models (contributing
@@ -78,13 +83,19 @@ def fuse_boxes(
         return empty_fused()
     tasks = _image_tasks(df, model_names)
     params = dict(iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type, weights=weight_list, model_names=model_names)
-    if workers > 1 and len(tasks) > 1:
-        chunks = np.array_split(np.arange(len(tasks)), min(len(tasks), workers * 4))
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_fuse_chunk, [tasks[i] for i in idx], params) for idx in chunks]
-            rows = [row for f in futures for row in f.result()]
-    else:
-        rows = _fuse_chunk(tasks, params)
+    rows: list[tuple] = []
+    with Progress(len(tasks), desc, "img") as bar:
+        if workers > 1 and len(tasks) > 1:
+            chunks = np.array_split(np.arange(len(tasks)), min(len(tasks), workers * 4))
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_fuse_chunk, [tasks[i] for i in idx], params) for idx in chunks]
+                for future, idx in zip(futures, chunks):
+                    rows.extend(future.result())
+                    bar.update(len(idx))
+        else:
+            for start in range(0, len(tasks), FUSE_CHUNK):
+                rows.extend(_fuse_chunk(tasks[start:start + FUSE_CHUNK], params))
+                bar.update(len(tasks[start:start + FUSE_CHUNK]))
     return _fused_frame(rows)
 
 

@@ -10,11 +10,13 @@ one writes and the next reads) is written down once, here::
     <out>/cache/                       preprocessing cache (unless run.cache_dir names a shared one)
     <out>/gen<g>/<task>/fold<k>/       one fold model: checkpoint, train_ids.txt, history.json
     <out>/gen<g>/<task>/predictions/   OOF and pool predictions of the generation
+    <out>/gen<g>/metrics.json          the generation's scores (OOF, test, hidden truth), per task
     <out>/cycle<c>/pseudo/             the pseudo labels generation c trains on (made by generation c-1)
     <out>/cycle<c>/report.html         the cycle's pseudo-label quality report (+ report.json)
     <out>/final/                       gate, gated predictions, submissions
     <out>/oracle/<task>/               supervised reference on every label (runs with hidden truth)
     <out>/index.html, summary.json     the run's front page and numbers
+    <out>/tensorboard/<fold path>/     TensorBoard scalars of each fold model (run.tensorboard)
     <out>/<stage>.done.json            stage markers (fingerprint of what made the stage)
     <out>/cxr_run.json                 says the folder is a run of this engine (written when it is claimed)
     <out>/run.lock                     the lock one run at a time holds (names its process)
@@ -78,6 +80,8 @@ PSEUDO_FOLD = "fold{}"
 """Inside a cycle's pseudo folder: the pseudo labels student fold k trains on (made by teacher
 fold k alone, thresholds from the other folds' OOF predictions); the folder itself holds the whole
 ensemble's selection, which the report and the exports show."""
+METRICS = "metrics.json"
+"""A generation's scores, written by the runner as soon as its predictions exist (the report reads them)."""
 REPORT = "report.html"
 REPORT_JSON = "report.json"
 
@@ -145,6 +149,18 @@ class RunLayout:
 
     def predictions(self, gen: int, task: str) -> Path:
         return self.task(gen, task) / "predictions"
+
+    def metrics(self, gen: int) -> Path:
+        return self.generation(gen) / METRICS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    def tensorboard_of(self, fold_dir: Path) -> Path:
+        """The TensorBoard log directory of one fold model, mirroring its folder under the run
+        (``gen1/classifier/fold0`` -> ``tensorboard/gen1/classifier/fold0``)."""
+        return self.tensorboard / Path(fold_dir).relative_to(self.root)
 
     def reference(self, name: str, task: str) -> Path:
         """A reference model's task folder (``oracle``), laid out like a generation's."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tiny_run import ROOT, make_tiny_demo, run_cli, write_config
+from tiny_run import ROOT, TINY, make_tiny_demo, run_cli, write_config
 
 OUTSIDE = "outside: SIGKILL while gen0/detector/fold0 trains"
 # In pipeline order: each rerun resumes and runs on until the next point.
@@ -40,7 +40,7 @@ COMPARED = ["cycle1/pseudo/class_selection.csv", "cycle1/pseudo/class_pseudo.csv
 def baseline(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     data = make_tiny_demo(base / "demo")
-    config = write_config(base / "tiny.yaml", data)
+    config = write_config(base / "tiny.yaml", data, run={**TINY["run"], "tensorboard": True})
     result = run_cli("--config", str(config), "--out", str(base / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
     return base / "run", config, result
@@ -71,6 +71,46 @@ def test_tiny_run_end_to_end(baseline):
         sub = pd.read_csv(run / "final" / name)
         assert list(sub.columns) == ["image_id", "PredictionString"] and len(sub) == 8
     assert "AUC oof" in result.stdout and "gen" in result.stdout
+
+
+def test_what_a_user_sees_while_and_after_it_runs(baseline):
+    """Generation scores as files, one log line per detector epoch, curves in the report and in
+    TensorBoard for every fold model."""
+    run, _, result = baseline
+    summary = json.loads((run / "summary.json").read_text())
+    for gen in summary["generations"]:
+        assert json.loads((run / f"gen{gen['generation']}" / "metrics.json").read_text()) == gen
+    for fold in (0, 1):  # ultralytics' extra validation call after the last epoch is not logged again
+        assert result.stderr.count(f"detector gen 0 fold {fold}: epoch 1/1 |") == 1, result.stderr[-3000:]
+        assert f"classifier gen 1 fold {fold}: epoch 1/" in result.stderr
+    history = json.loads((run / "gen0" / "detector" / "fold0" / "history.json").read_text())
+    assert [r["epoch"] for r in history["curve"]] == [1] and history["curve"][0]["train_loss"] is not None
+    curves = json.loads((run / "cycle1" / "report.json").read_text())["training_curves"]
+    assert {"classifier/gen0", "classifier/gen1", "detector/gen0", "detector/gen1"} <= set(curves)
+    from cxr_noisy_student.loops.tensorboard import has_events
+
+    for where in ("gen0/classifier", "gen1/detector", "ablation/classifier", "oracle/detector"):
+        for fold in (0, 1):
+            assert has_events(run / "tensorboard" / where / f"fold{fold}"), where
+
+
+def test_the_report_of_a_real_run_leads_with_its_verdict(baseline, tmp_path):
+    run, _, _ = baseline
+    data = json.loads((run / "cycle1" / "report.json").read_text())
+    head = data["headline"]
+    assert head["sentence"].startswith("Cycle 1's students (2 folds")
+    assert head["flags"] and "starve" in head["flags"][0]  # 14 box classes no tiny detector finds
+    assert data["status"] is None  # refreshed at the end: no "student is training" note any more
+    index = (run / "index.html").read_text()
+    assert "What the pseudo labels gave" in index and "gap closed" in index and "oracle" in index
+    import shutil
+
+    if shutil.which("chromium") is None:
+        pytest.skip("headless chromium is not installed")
+    from test_report import flag_red_pixels, screenshot
+
+    pixels = screenshot(run / "cycle1" / "report.html", tmp_path / "first.png")
+    assert flag_red_pixels(pixels) > 200, "the headline's red flags are not on the first screen"
 
 
 def test_every_labeled_image_is_predicted_once_by_a_model_that_never_saw_it(baseline):
@@ -132,6 +172,9 @@ def test_killed_runs_resume_and_match_the_uninterrupted_run(baseline, tmp_path):
             continue
         result = run_cli("--config", str(config), "--out", str(out), fault=point)
         assert result.returncode == -signal.SIGKILL, f"{point}: {result.returncode} {result.stderr[-1500:]}"
+        if point.startswith("gen1/"):  # cycle 1's report exists while its student trains
+            early = json.loads((out / "cycle1" / "report.json").read_text())
+            assert "student is training" in early["status"] and (out / "index.html").exists()
     result = run_cli("--config", str(config), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     for name in COMPARED:

@@ -9,9 +9,9 @@ Why the report is checked by decoding its embedded PNGs with PIL rather than by 
 browser: the PNG check is deterministic (no fonts, no GPU, no browser version), needs nothing CI
 lacks (headless Chromium is not installed there), runs in milliseconds, and tests what can actually
 go wrong with an embedded figure (a truncated or mis-encoded data URI, an empty canvas, a figure
-of absurd size). A browser would add only layout, which no assertion here could judge. One test
-does also screenshot the page with headless Chromium when ``chromium`` is on the PATH, as a smoke
-test of "it opens offline"; it is skipped elsewhere.
+of absurd size). Where ``chromium`` is on the PATH, two tests also screenshot the page with headless
+Chromium: it opens offline, and the headline's red flags are on the first screen (1280 x 800); they
+are skipped elsewhere.
 """
 from __future__ import annotations
 
@@ -301,8 +301,11 @@ def _write_generations(run, cfg, rng, table, truth, world: dict, folds: pd.Serie
             rec = _select(run, cfg, table, truth, g + 1, cls_p, det_p, unlabeled, det_pool, cfg.run.seed)
             cycle_recs.append({"cycle": g + 1, "pseudo": rec, "teacher": g, "student": g + 1})
     gate = _final(run, table, *gens[-1])
+    record = _summary(table, gens, cycle_recs, gate)
+    for rec in record["generations"]:  # as the runner does when each generation ends
+        write_json(run / f"gen{rec['generation']}" / "metrics.json", rec)
     if summary:
-        write_json(run / "summary.json", _summary(table, gens, cycle_recs, gate))
+        write_json(run / "summary.json", record)
 
 
 QUARANTINE = pd.DataFrame([{"file": "/data/PATIENT-SECRET-dir/labels.csv", "row": 7, "image_id": "bad01",
@@ -399,6 +402,8 @@ def test_reliability_bins_are_right_closed_and_reject_bad_input():
 def test_verdict_rules_in_order():
     common = dict(target_precision=0.8)
     assert verdict(precision=0.95, low=0.9, high=0.99, n_oof=200, ece=0.03, kept=0, **common)[0] == "none kept"
+    word, rule = verdict(precision=np.nan, low=np.nan, high=np.nan, n_oof=0, ece=np.nan, kept=0, threshold=np.inf, **common)
+    assert word == "none kept" and "'never'" in rule and "passed the threshold" not in rule
     assert verdict(precision=float("nan"), low=np.nan, high=np.nan, n_oof=0, ece=0.03, kept=5, **common)[0] == "review"
     word, rule = verdict(precision=0.6, low=0.55, high=0.65, n_oof=300, ece=0.03, kept=40, **common)
     assert word == "do not use" and "upper bound" in rule
@@ -501,18 +506,21 @@ def test_drift_reads_every_earlier_cycle(synthetic_run):
     assert [(f["from"], f["to"]) for f in drift["flips"]] == [(0, 1), (1, 2)]
     assert all(0 <= f["flip_rate"] <= 1 for f in drift["flips"])
     assert [g["generation"] for g in drift["generations"]] == [0, 1, 2]
-    assert {g["source"] for g in drift["generations"]} == {"summary.json"}
+    assert {g["source"] for g in drift["generations"]} == {"metrics.json"}
     assert drift["cycles"][1]["flip_rate"] == pytest.approx(drift["flips"][0]["flip_rate"])
 
 
 def test_multilabel_run_without_summary_or_images(tmp_path):
-    """Metrics computed from the OOF files when summary.json is absent; no cache: the grids say so."""
+    """Metrics read from gen<g>/metrics.json while summary.json is absent (a run still going); a
+    generation without it has no row (nothing is recomputed); no cache: the grids say so."""
     made = make_synthetic_run(tmp_path / "nosum", image_paths=None, n_labeled=15, n_unlabeled=9, n_test=3, cycles=1,
                               summary=False, seed=3, mode="multilabel")
-    path = write_cycle_report(made["run"], 1)  # load=None, and this run has no <run>/cache
+    (made["run"] / "gen1" / "metrics.json").unlink()  # the student is still training
+    path = write_cycle_report(made["run"], 1, status="its student is training")
     data = json.loads(path.with_suffix(".json").read_text())
-    assert {g["source"] for g in data["drift"]["generations"]} == {"computed"}
+    assert [(g["generation"], g["source"]) for g in data["drift"]["generations"]] == [(0, "metrics.json")]
     assert 0.5 < data["drift"]["generations"][0]["auc_oof"] <= 1
+    assert data["headline"]["status"] == "its student is training" and "its student is training" in path.read_text()
     assert data["label_mode"] == "multilabel" and "is not in the cache" in data["grids"]["thumbnail_failures"][0]
     assert "could not be loaded" in path.read_text()
     assert {c["verdict"] for c in data["verdicts"]["classes"]} <= VERDICTS
@@ -564,3 +572,129 @@ def test_report_size_and_time_realistic(tmp_path):
     size = path.stat().st_size
     print(f"\nrealistic report: {size / 1e6:.2f} MB, built in {seconds:.1f} s")
     assert size < 8e6 and seconds < 120
+
+
+# ============================================================================ headline
+
+
+def test_students_per_class_sums_folds_and_weights_precision():
+    from cxr_noisy_student.teacher_student.report.headline import students_per_class
+
+    folds = [{"kept_per_class": {"A": 3, "B": 1}, "precision_per_class": {"A": 1.0, "B": 0.0}, "fallback": {"B": 1}},
+             {"kept_per_class": {"A": 1}, "precision_per_class": {"A": 0.0}, "fallback": {}}]
+    got = students_per_class(folds, "kept_per_class")
+    # A: 3 right of 3 in fold 0, 0 of 1 in fold 1 -> 3 / 4; B: 0 of 1, kept by the fallback
+    assert got == {"A": {"n": 4, "precision": 0.75, "fallback": 0}, "B": {"n": 1, "precision": 0.0, "fallback": 1}}
+    assert students_per_class([{"per_class": {"A": 2}}], "per_class")["A"]["precision"] is None  # no hidden truth
+
+
+def test_verdict_sentence_says_what_the_students_got():
+    from cxr_noisy_student.teacher_student.report.headline import verdict_sentence
+
+    classes = {"Abnormal": {"n": 80, "precision": 0.9, "fallback": 0}, "No finding": {"n": 20, "precision": 0.5, "fallback": 0}}
+    boxes = {"Nodule": {"n": 0, "precision": None, "fallback": 0}}
+    text = verdict_sentence(cycle=2, folds=5, classes=classes, boxes=boxes, negatives=7, has_truth=True)
+    # (80 * 0.9 + 20 * 0.5) / 100 = 0.82
+    assert text == ("Cycle 2's students (5 folds, each trained on its own teacher fold's pseudo labels) got 100 pseudo "
+                    "labels, 82% right against the hidden truth (Abnormal 80 at 90%; No finding 20 at 50%), no pseudo "
+                    "boxes and 7 negative images (no finding).")
+    none = verdict_sentence(cycle=1, folds=2, classes={"A": {"n": 0, "precision": None, "fallback": 0}}, boxes=None)
+    assert none.endswith("got no pseudo labels: they learned from the labeled images only.")
+    blind = verdict_sentence(cycle=1, folds=2, classes={"A": {"n": 3, "precision": None, "fallback": 0}}, boxes=None)
+    assert "precision unknown (no hidden truth" in blind
+
+
+def test_starving_classes_are_grouped_into_red_flags():
+    from cxr_noisy_student.teacher_student.report.headline import flag_lines, starving_groups
+
+    weak = "threshold rests on 1 OOF prediction(s) (< 10)"
+    folds = [{"starving": {"No finding": weak, "X": "no pool image reaches its threshold"}, "fallback": {"No finding": 4},
+              "thresholds": {"No finding": 0.9, "X": None}},
+             {"starving": {"No finding": weak}, "fallback": {"No finding": 2}, "thresholds": {"No finding": 0.8}}]
+    groups = starving_groups(folds)
+    assert {"classes": ["No finding"], "reason": weak, "folds": [0, 1], "fallback": 6} in groups
+    never = next(g for g in groups if g["classes"] == ["X"])
+    assert never["reason"].startswith("threshold 'never'") and never["folds"] == [0]
+    lines = flag_lines("Class", groups, folds=2)
+    assert f"Class No finding starves in every fold: {weak}; the top-k fallback kept 6 in their place." in lines
+    assert any(line.startswith("Class X starves in fold 0: threshold 'never'") and "learns nothing of it" in line
+               for line in lines)
+    many = starving_groups([{"starving": {f"c{i}": "no pool box reaches its threshold" for i in range(9)}}])
+    assert flag_lines("Box class", many, folds=1)[0].startswith("Box class c0, c1, c2, c3, c4, c5 and 3 more (9) starve")
+
+
+def with_fold_selections(run: Path, cycle: int, k: int) -> None:
+    """Per-fold selection records (as the engine writes them) into a synthetic run: a weak class."""
+    base = json.loads((run / f"cycle{cycle}" / "pseudo" / "class_pseudo.json").read_text())
+    for fold in range(k):
+        info = {**base, "kept_per_class": {"Abnormal": 5 + fold}, "precision_per_class": {"Abnormal": 0.8},
+                "starving": {"No Finding": "threshold rests on 1 OOF prediction(s) (< 10)"}, "fallback": {"No Finding": 3}}
+        write_json(run / f"cycle{cycle}" / "pseudo" / f"fold{fold}" / "class_pseudo.json", info)
+
+
+@pytest.fixture(scope="module")
+def headline_run(tmp_path_factory, cxr_dir):
+    made = make_synthetic_run(tmp_path_factory.mktemp("head") / "demo",
+                              image_paths=sorted((cxr_dir / "images").glob("*.png"))[:32], cycles=1)
+    with_fold_selections(made["run"], 1, made["cfg"].folds.k)
+    made["report"] = write_cycle_report(made["run"], 1, load=made["load"])
+    return made
+
+
+def test_report_leads_with_the_students_and_flags_starving_classes(headline_run):
+    path = headline_run["report"]
+    data = json.loads(path.with_suffix(".json").read_text())
+    head = data["headline"]
+    assert head["sentence"].startswith("Cycle 1's students (3 folds") and "18 pseudo labels, 80% right" in head["sentence"]
+    assert head["flags"] == ["Class No Finding starves in every fold: threshold rests on 1 OOF prediction(s) (< 10); "
+                             "the top-k fallback kept 9 in their place."]
+    text = path.read_text()
+    first = text.index('<div class="headline">')
+    assert first < text.index('id="verdict"') < text.index('id="precision"')  # the verdict before the evidence
+    assert "<ul class=\"flags\"><li>Class No Finding starves" in text
+    assert "(none)" not in text  # empty grid rows and tables are left out, not shown empty
+
+
+def test_index_shows_gains_and_reference_models(tmp_path):
+    from cxr_noisy_student.teacher_student.report.build import gain_rows, summary_rows
+
+    summary = {"generations": [{"generation": 0, "model": "a", "classifier": {"test": {"auc_macro": 0.7}}}],
+               "cycles": [], "ablation": {"classifier_model": "b", "classifier": {"test": {"auc_macro": 0.72}}},
+               "oracle": {"classifier_model": "b", "classifier": {"test": {"auc_macro": 0.9}}},
+               "gains": {"classifier_auc": {"teacher": 0.7, "student": 0.8, "ablation": 0.72, "oracle": 0.9,
+                                            "student_minus_ablation": 0.08, "student_minus_teacher": 0.1, "gap_closed": 0.5},
+                         "detector_map": {"teacher": 0.3, "student": 0.3, "ablation": 0.3, "oracle": 0.2,
+                                          "student_minus_ablation": 0.0, "student_minus_teacher": 0.0,
+                                          "gap_closed": "undefined: the oracle (0.200) does not beat the teacher"}}}
+    rows = gain_rows(summary["gains"])
+    assert rows[0]["gap closed"] == 0.5 and rows[1]["gap closed"].startswith("undefined: the oracle")
+    assert [r["generation"] for r in summary_rows(summary)] == [0, "ablation", "oracle"]
+    run = tmp_path / "r"
+    run.mkdir()
+    write_json(run / "summary.json", summary)
+    text = write_index(run).read_text()
+    assert "What the pseudo labels gave" in text and "undefined: the oracle (0.200)" in text and ">+0.080<" in text
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+
+
+def screenshot(page: Path, shot: Path, size: str = "1280,800") -> np.ndarray:
+    """A headless Chromium screenshot of ``page`` (the first screen at ``size``), as an RGB array."""
+    subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--screenshot={shot}", f"--window-size={size}", page.as_uri()],
+                   check=True, timeout=90, capture_output=True)
+    return np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+def flag_red_pixels(pixels: np.ndarray) -> int:
+    """Pixels of the red flag text (#b00020), anti-aliasing allowed."""
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return int(((r > 140) & (g < 60) & (b < 80)).sum())
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless chromium is not installed")
+def test_the_verdict_is_in_the_first_screen_in_headless_chromium(headline_run, tmp_path):
+    pixels = screenshot(headline_run["report"], tmp_path / "first.png")
+    assert pixels.shape[:2] == (800, 1280) and pixels.std() > 5
+    assert flag_red_pixels(pixels) > 200, "the red flags of the headline are not on the first screen"

@@ -28,6 +28,22 @@ def train_generation(ctx: RunContext, task: Task, gen: int, pseudo_dir: Path | N
         patience: early stopping on the fold's validation images (0: the recipe's own setting).
     """
     plans = task.fold_plans(gen, pseudo_dir, teacher, extra_ids, steps_factor=steps_factor, patience=patience)
-    return cross_fit(task, plans, folds=ctx.folds, oof_ids=task.labeled_ids(), pool_ids=task.every_fold_ids(),
-                     task_dir=task_dir or ctx.layout.task(gen, task.name), run_stage=ctx.stage,
-                     payload=task.payload(gen))
+    task_dir = task_dir or ctx.layout.task(gen, task.name)
+    pred = cross_fit(task, plans, folds=ctx.folds, oof_ids=task.labeled_ids(), pool_ids=task.every_fold_ids(),
+                     task_dir=task_dir, run_stage=ctx.stage, payload=task.payload(gen))
+    if ctx.cfg.run.tensorboard:
+        backfill_tensorboard(ctx, [task_dir / f"fold{plan.fold}" for plan in plans])
+    return pred
+
+
+def backfill_tensorboard(ctx: RunContext, fold_dirs: list[Path]) -> None:
+    """TensorBoard scalars for fold models trained before (a resumed run, or run.tensorboard turned
+    on later): written from their history.json; folds trained now wrote theirs live."""
+    from ...datasets.atomic import read_json
+    from ...loops.tensorboard import has_events, write_history
+    from ..layout import HISTORY
+
+    for fold_dir in fold_dirs:
+        logdir = ctx.layout.tensorboard_of(fold_dir)
+        if (fold_dir / HISTORY).exists() and not has_events(logdir):
+            write_history(logdir, [r for r in read_json(fold_dir / HISTORY).get("history", []) if not r.get("final")])

@@ -39,6 +39,10 @@ def run_cycles(cfg: EngineConfig) -> dict:
 
 def _run_cycles(cfg: EngineConfig) -> dict:
     started = time.perf_counter()
+    if cfg.run.tensorboard:
+        from ...loops.tensorboard import require_tensorboard
+
+        require_tensorboard()
     ctx = prepare(cfg)
     tasks = [task for task in (TASK_KINDS[name](ctx) for name in cfg.run.tasks) if task.enabled()]
     detector = next((t for t in tasks if t.name == DETECTOR), None)
@@ -46,6 +50,7 @@ def _run_cycles(cfg: EngineConfig) -> dict:
     gens, cycles = [generation_record(ctx, tasks, 0, preds)], []
     for cycle in range(1, cfg.run.cycles + 1):
         rec = select_stage(ctx, tasks, preds, cycle)
+        write_reports(ctx, [cycle], "first look: its student is training next; refreshed when the run ends")
         pseudo_dir = ctx.layout.pseudo(cycle)
         preds = {t.name: train_generation(ctx, t, cycle, pseudo_dir, preds[t.name]) for t in tasks}
         gens.append(generation_record(ctx, tasks, cycle, preds))
@@ -64,29 +69,37 @@ def _run_cycles(cfg: EngineConfig) -> dict:
                "stages": [{k: r[k] for k in ("path", "seconds", "skipped")} for r in ctx.records],
                "wall_seconds": round(time.perf_counter() - started, 1)}
     write_json(ctx.layout.summary, summary)
-    write_reports(ctx, cfg.run.cycles)
+    write_reports(ctx, list(range(1, cfg.run.cycles + 1)))
     return summary
 
 
 def generation_record(ctx: RunContext, tasks: list[Task], gen: int, preds: dict[str, Path]) -> dict:
+    """The generation's scores, also written to ``gen<g>/metrics.json`` at once: the report of a
+    cycle written while the run goes on reads them there (summary.json comes only at the end)."""
     rec = {"generation": gen, "model": ladder_value(ctx.cfg.classifier.ladder, gen)}
     for task in tasks:
         if task.name == DETECTOR:
             rec["detector_model"] = task.model_name(gen)
         rec[task.name] = task.score(preds[task.name])
+    write_json(ctx.layout.metrics(gen), rec)
     return rec
 
 
-def write_reports(ctx: RunContext, cycles: int) -> None:
-    """Per-cycle pseudo-label quality reports and the index. A report that fails is logged, not
-    fatal: the run's results are already on disk and a report can be rebuilt from them."""
+def write_reports(ctx: RunContext, cycles: list[int], note: str | None = None) -> None:
+    """Per-cycle pseudo-label quality reports and the index, as soon as a cycle's pseudo labels
+    exist (so cycle 1 can be read while cycle 2 trains) and again at the end, when every number is
+    in. A report that fails is logged, not fatal: the run's results are on disk and a report can
+    be rebuilt from them."""
     from ..report import write_cycle_report, write_index
 
     load = ctx.loader()
-    for cycle in range(1, cycles + 1):
+    for cycle in cycles:
         try:
-            path = write_cycle_report(ctx.layout.root, cycle, load=load)
+            path = write_cycle_report(ctx.layout.root, cycle, load=load, status=note)
             log.info("report %s", path)
         except Exception as err:  # noqa: BLE001 - reports must never lose a finished run
             log.error("cycle %d report failed: %s: %s", cycle, type(err).__name__, err)
-    write_index(ctx.layout.root)
+    try:
+        write_index(ctx.layout.root)
+    except Exception as err:  # noqa: BLE001
+        log.error("index failed: %s: %s", type(err).__name__, err)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...datasets.atomic import write_json
 from ...loops.device import resolve_device
-from ...loops.trainer import Trainer, cpu_state, lr_factor
+from ...loops.trainer import ProgressHook, Trainer, cpu_state, lr_factor
 from .base import Detector, LogFn, logger
 
 WEIGHT_DECAY = 1e-2
@@ -139,7 +139,7 @@ class EffdetTrainer(Trainer):
         optimizer = torch.optim.AdamW(bench.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps=0, total_steps=steps))
         super().__init__(bench, loader, optimizer, scheduler, epochs=epochs, device=device, grad_clip=GRAD_CLIP, name=name,
-                         patience=patience, amp=amp)
+                         patience=patience, amp=amp, hooks=[ProgressHook()])
         self.val_ds, self.batch_size, self.log = val_ds, batch_size, log
 
     def forward(self, batch) -> tuple[dict[str, torch.Tensor], int]:

@@ -102,6 +102,33 @@ def _torch_globals_kept():
         torch.use_deterministic_algorithms(deterministic)
 
 
+class _StepProgress:
+    """A ``datasets.progress`` bar over a YOLO training's batches, fed by ultralytics' callbacks
+    (its own per-batch output is off: YOLO_VERBOSE=False). The total is read from the trainer on
+    the first batch (epochs x batches per epoch, known only once ultralytics built its loader)."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def step(self, trainer) -> None:
+        if self.bar is None:
+            from ...datasets.progress import Progress
+
+            self.bar = Progress(int(trainer.epochs) * len(trainer.train_loader), self.desc, "step")
+        self.bar.update(1)
+        losses = getattr(trainer, "tloss", None)  # running mean losses: a dict (a tensor in older versions)
+        if losses is not None:
+            total = sum(float(v) for v in losses.values()) if isinstance(losses, dict) else float(losses.sum())
+            self.bar.note(epoch=f"{int(trainer.epoch) + 1}/{int(trainer.epochs)}", loss=total)
+
+    def __enter__(self) -> "_StepProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _ultralytics_device(device: torch.device) -> str:
     if device.type == "cuda":
         return str(device.index or 0)
@@ -163,6 +190,8 @@ class YoloDetector(Detector):
         model = YOLO(self.name)
         self.history = []
         model.add_callback("on_fit_epoch_end", self._epoch_logger(log))
+        bar = _StepProgress(run_name or f"yolo {self.name}")
+        model.add_callback("on_train_batch_end", bar.step)
         overrides = dict(
             data=str(data_yaml), epochs=int(epochs), batch=int(batch_size), nbs=int(batch_size), imgsz=self.img_size,
             lr0=float(lr), patience=int(patience),
@@ -172,7 +201,7 @@ class YoloDetector(Detector):
             warmup_epochs=min(3.0, 0.1 * int(epochs)),
             **yolo_augment_overrides(img_size=self.img_size, n=randaugment_n, m=randaugment_m, hflip=hflip, epochs=int(epochs)),
         )
-        with _offline_ultralytics(dev):
+        with _offline_ultralytics(dev), bar:
             model.train(**overrides)
         self.weights_path = Path(model.trainer.best if model.trainer.best.exists() else model.trainer.last)
         # model.train() reloaded the best weights with ultralytics' own loader (weights_only=False on a
@@ -194,15 +223,19 @@ class YoloDetector(Detector):
         return _single_channel(Path(export_yolo(items, boxes, self.class_names, load, out_dir, split_of=split)))
 
     def _epoch_logger(self, log: LogFn | None):
+        """Keep and log one record per epoch. ultralytics calls on_fit_epoch_end once more after the
+        last epoch, for its validation of best.pt: that record is kept (marked ``final``) but not
+        logged, or the last epoch's line would appear twice."""
         def on_fit_epoch_end(trainer) -> None:
-            final = trainer.epoch >= trainer.epochs  # ultralytics' last call: validation of best.pt
+            final = trainer.epoch >= trainer.epochs or any(h.get("epoch") == trainer.epoch + 1 for h in self.history)
             record = {"epoch": min(int(trainer.epoch) + 1, int(trainer.epochs)), "epochs": int(trainer.epochs), "final": final}
             if getattr(trainer, "tloss", None) is not None:
                 record.update(trainer.label_loss_items(trainer.tloss, prefix="train"))
             record.update(trainer.metrics or {})
             record = plain_types(record)
             self.history.append(record)
-            (log or logger.info)(record)
+            if not final:
+                (log or logger.info)(record)
 
         return on_fit_epoch_end
 

@@ -4,7 +4,9 @@ Why a report per cycle: a pseudo label is a guess by the teacher, and a student 
 guesses learns them confidently. Whether a class's pseudo labels can be trusted is answered by the
 out-of-fold (OOF) predictions, where the truth is known: precision at the threshold that was used,
 calibration, how much the fold models agree, and how labels drift from one teacher to the next. The
-page puts a per-class verdict at the top (see :func:`.stats.verdict`) and the evidence below it.
+page opens with a headline (:mod:`.headline`: what the fold students trained on, how precise it
+was against hidden truth, red flags for starving classes and weak evidence), then a per-class
+verdict (see :func:`.stats.verdict`) and the evidence below it, training curves included.
 
 Why self-contained: a report is mailed, archived and opened on machines without network (hospital
 workstations). Figures are matplotlib PNGs embedded as base64 ``data:`` URIs, the CSS is inline,
@@ -17,7 +19,8 @@ predictions``). Written: ``cycle<c>/report.html`` and ``cycle<c>/report.json`` (
 
 The modules, bottom up: :mod:`.stats` (pure statistics), :mod:`.run_reader` (reading a run, shared
 with the exports), :mod:`.class_stats` (the verdict rows), :mod:`.html` and :mod:`.figures`
-(page and figure primitives), :mod:`.sections`, :mod:`.drift`, :mod:`.grids` (the sections) and
+(page and figure primitives), :mod:`.headline`, :mod:`.sections`, :mod:`.curves`, :mod:`.drift`,
+:mod:`.grids` (the sections) and
 :mod:`.build` (the two entry points below).
 
 Measured (``CXR_REPORT_BENCH=1 pytest tests/test_report.py -k realistic``, 2 shared CPU cores): a

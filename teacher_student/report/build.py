@@ -1,9 +1,11 @@
 """Building and writing the reports: one page per cycle and the run's index.
 
-Why the sections run in this order: the verdict table comes first because it is what a reader
-acts on; everything below it is the evidence (confidence, precision, calibration, agreement,
-drift, sample grids, label issues, data quality). The HTML goes to ``RunLayout.report(c)`` and
-the same numbers to ``RunLayout.report_json(c)``, both written atomically.
+Why the sections run in this order: the headline (:mod:`.headline`: what the students got, how
+precise it was, what is flagged) and the verdict table come first because they are what a reader
+acts on -- both fit the first screen; everything below is the evidence (precision, training
+curves, confidence, calibration, agreement, drift, sample grids, label issues, data quality). The
+HTML goes to ``RunLayout.report(c)`` and the same numbers to ``RunLayout.report_json(c)``, both
+written atomically. The index leads with the run's gains against its baselines.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from ...datasets.errors import DataError
 from ..layout import RunLayout
 from ..summary import dig
 from .class_stats import box_stats, box_truth_precision, class_stats
+from .curves import curves_section
 from .drift import drift_section
 from .figures import Thumbs
 from .grids import grids_section
+from .headline import headline_section
 from .html import Report, clean_json, esc, fmt, html_table, page
 from .run_reader import CycleData, Loader, default_loader, optional_json, read_cycle
 from .sections import (agreement_section, calibration_section, confidence_section, label_issue_section, pool_spread,
@@ -25,17 +29,21 @@ from .sections import (agreement_section, calibration_section, confidence_sectio
 from .stats import DEFAULT_TARGET_PRECISION, VERDICT_RULES
 
 
-def build_report(d: CycleData, load: Loader | None, load_problem: str | None, target_precision: float | None) -> Report:
-    """Every section of one cycle's report, verdicts first; ``load_problem`` says why thumbnails are missing."""
+def build_report(d: CycleData, load: Loader | None, load_problem: str | None, target_precision: float | None,
+                 status: str | None = None) -> Report:
+    """Every section of one cycle's report, headline and verdicts first; ``load_problem`` says why
+    thumbnails are missing, ``status`` is shown in the headline (e.g. "its student is training")."""
     target = target_precision or d.cfg.pseudo.target_precision or DEFAULT_TARGET_PRECISION
     box_target = target_precision or d.cfg.detector.target_precision
     r = Report()
     class_rows = class_stats(d, target)
     box_truth = box_truth_precision(d)
     box_rows = box_stats(d, box_target, box_truth) if d.has_boxes else []
+    headline_section(d, r, class_rows, box_rows, status)
     verdict_section(d, r, class_rows, box_rows, target, box_target)
-    confidence_section(d, r, class_rows)
     pr_section(d, r, class_rows, box_rows)
+    curves_section(d, r)
+    confidence_section(d, r, class_rows)
     calibration_section(d, r)
     spread = pool_spread(d)
     agreement_section(d, r, spread)
@@ -52,7 +60,7 @@ def build_report(d: CycleData, load: Loader | None, load_problem: str | None, ta
 
 
 def write_cycle_report(run_dir: str | Path, cycle: int, *, load: Loader | None = None,
-                       target_precision: float | None = None) -> Path:
+                       target_precision: float | None = None, status: str | None = None) -> Path:
     """Write ``<run>/cycle<c>/report.html`` and ``report.json`` for one cycle; return the HTML path.
 
     Args:
@@ -62,6 +70,7 @@ def write_cycle_report(run_dir: str | Path, cycle: int, *, load: Loader | None =
             When images cannot be loaded the grids say so and the rest of the report is unchanged.
         target_precision: the precision a class must reach to be trusted; None: the run's
             ``pseudo.target_precision`` (``detector.target_precision`` for boxes), else 0.8.
+        status: a line for the headline, e.g. that the cycle's student is still training.
 
     Raises:
         DataError: the run or the cycle's pseudo labels do not exist (one line).
@@ -74,8 +83,8 @@ def write_cycle_report(run_dir: str | Path, cycle: int, *, load: Loader | None =
             load = default_loader(d.run_dir, d.cfg)
         except (DataError, OSError, ValueError) as err:
             problem = f"the preprocessing cache cannot be opened ({err})"
-    r = build_report(d, load, problem, target_precision)
-    teacher = dig(next((g for g in (d.summary or {}).get("generations", []) if g.get("generation") == cycle - 1), {}), "model")
+    r = build_report(d, load, problem, target_precision, status)
+    teacher = dig(d.metrics.get(cycle - 1), "model")
     seconds = time.perf_counter() - start
     header = (f"<h1>Pseudo-label quality — cycle {cycle}</h1><p class='meta'>run {esc(d.run_dir.name)} · teacher: "
               f"generation {cycle - 1}{' (' + esc(teacher) + ')' if teacher else ''} · labels: {esc(d.mode)} · "
@@ -84,18 +93,29 @@ def write_cycle_report(run_dir: str | Path, cycle: int, *, load: Loader | None =
     text = page(f"cycle {cycle} pseudo-label report", header, r)
     with atomic_path(d.layout.report(cycle)) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    r.data.update(cycle=cycle, teacher_generation=cycle - 1, label_mode=d.mode, notes=d.notes,
+    r.data.update(cycle=cycle, teacher_generation=cycle - 1, label_mode=d.mode, notes=d.notes, status=status,
                   build={"seconds": round(seconds, 3), "html_bytes": len(text.encode("utf-8"))})
     write_json(d.layout.report_json(cycle), clean_json(r.data))
     return d.layout.report(cycle)
 
 
 def write_index(run_dir: str | Path) -> Path:
-    """Write ``<run>/index.html``: the per-generation summary table and a link to every cycle report."""
+    """Write ``<run>/index.html``: the gains against the baselines, every cycle's headline with a
+    link to its report, and the per-generation table with the reference models."""
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     summary = optional_json(layout.summary) or {}
     r = Report()
+    gains = gain_rows(summary.get("gains") or {})
+    r.section("gains", "What the pseudo labels gave (held-out test)")
+    if gains:
+        r.add("<p>The last student against the cycle-0 teacher, the <b>ablation</b> (the student's recipe on the labeled "
+              "images only: <i>student - ablation</i> is what the pseudo labels gave) and the <b>oracle</b> (the same "
+              "recipe on every label, trained longer: the ceiling <i>gap closed</i> is read against).</p>",
+              html_table(gains))
+    else:
+        r.para("No gains yet: summary.json is written when the run ends (and needs a held-out test part)." if not summary
+               else "No gains: the run has no held-out test part, or only cycle 0.")
     r.section("cycles", "Cycle reports")
     rows = []
     for c in layout.cycles_with_pseudo_labels():
@@ -106,10 +126,14 @@ def write_index(run_dir: str | Path) -> Path:
         report = layout.report(c)
         link = (f'<a href="{report.relative_to(layout.root).as_posix()}">cycle {c} report</a>' if report.exists()
                 else f"cycle {c}: report not built")
-        rows.append(f"<tr><td class='s'>{link}</td><td class='s'>{esc(counts or '–')}</td></tr>")
-    r.add("<table><tr><th>report</th><th>verdicts</th></tr>" + "".join(rows) + "</table>" if rows else
-          "<p>No cycle has made pseudo labels yet.</p>")
-    r.section("summary", "Summary per generation")
+        flags = dig(info, "headline", "flags") or []
+        flag_cell = (f"<ul class='flags'>{''.join(f'<li>{esc(f)}</li>' for f in flags[:3])}</ul>"
+                     + (f"<p>... {len(flags) - 3} more flags in the report</p>" if len(flags) > 3 else "")) if flags else "–"
+        rows.append(f"<tr><td class='s'>{link}</td><td class='s'>{esc(dig(info, 'headline', 'sentence') or '–')}</td>"
+                    f"<td class='s'>{flag_cell}</td><td class='s'>{esc(counts or '–')}</td></tr>")
+    r.add("<table><tr><th>report</th><th>what the students got</th><th>flags</th><th>verdicts</th></tr>" + "".join(rows)
+          + "</table>" if rows else "<p>No cycle has made pseudo labels yet.</p>")
+    r.section("summary", "Summary per generation and reference model")
     r.add(html_table(summary_rows(summary)) if summary else "<p>summary.json is not written yet (the run is not finished).</p>")
     gate = summary.get("gate")
     if gate:
@@ -121,8 +145,30 @@ def write_index(run_dir: str | Path) -> Path:
     return layout.index
 
 
+GAIN_LABELS = {"classifier_auc": "classifier AUC", "detector_map": "detector mAP"}
+
+
+def gain_rows(gains: dict) -> list[dict]:
+    """One row per metric of summary.json's ``gains``; gap closed is a number or its 'undefined' reason."""
+    rows = []
+    for key, g in gains.items():
+        gap = g.get("gap_closed")
+        rows.append({"metric": GAIN_LABELS.get(key, key), "teacher": g.get("teacher"), "student": g.get("student"),
+                     "ablation": g.get("ablation"), "oracle": g.get("oracle"),
+                     "student - ablation": _signed(g.get("student_minus_ablation")),
+                     "student - teacher": _signed(g.get("student_minus_teacher")),
+                     "gap closed": gap if isinstance(gap, (int, float)) else str(gap or "–")})
+    return rows
+
+
+def _signed(value) -> str:
+    """A difference with its sign (+0.080), the way a gain is read."""
+    return "–" if value is None else f"{value:+.3f}"
+
+
 def summary_rows(summary: dict) -> list[dict]:
-    """One row per generation (and the oracle) from summary.json."""
+    """One row per generation, then the ablation and the oracle, from summary.json. Pseudo-label
+    counts are what the fold students trained on (summed over folds)."""
     pseudo = {c["cycle"]: c.get("pseudo", {}) for c in summary.get("cycles", [])}
     rows = []
     for g in summary.get("generations", []):
@@ -131,10 +177,15 @@ def summary_rows(summary: dict) -> list[dict]:
                      "AUC oof": dig(g, "classifier", "oof", "auc_macro"), "AUC test": dig(g, "classifier", "test", "auc_macro"),
                      "detector": g.get("detector_model"), "mAP oof": dig(g, "detector", "oof", "map"),
                      "mAP test": dig(g, "detector", "test", "map"),
-                     "pseudo labels": dig(p, "classifier", "after_balance"), "pseudo precision": dig(p, "classifier", "precision"),
-                     "pseudo boxes": dig(p, "detector", "boxes"), "box precision": dig(p, "detector", "precision")})
-    oracle = summary.get("oracle")
-    if oracle:
-        rows.append({"generation": "oracle", "classifier": oracle.get("model"),
-                     "AUC test": dig(oracle, "classifier", "test", "auc_macro"), "mAP test": dig(oracle, "detector", "test", "map")})
+                     "pseudo labels": dig(p, "classifier", "students", "total"),
+                     "pseudo precision": dig(p, "classifier", "students", "precision"),
+                     "pseudo boxes": dig(p, "detector", "students", "total"),
+                     "box precision": dig(p, "detector", "students", "precision")})
+    for key in ("ablation", "oracle"):
+        ref = summary.get(key)
+        if ref:
+            rows.append({"generation": key, "classifier": ref.get("classifier_model") or ref.get("model"),
+                         "AUC oof": dig(ref, "classifier", "oof", "auc_macro"),
+                         "AUC test": dig(ref, "classifier", "test", "auc_macro"), "detector": ref.get("detector_model"),
+                         "mAP oof": dig(ref, "detector", "oof", "map"), "mAP test": dig(ref, "detector", "test", "map")})
     return rows

@@ -58,8 +58,10 @@ def class_stats(d: CycleData, target: float) -> list[dict]:
         kept = int(class_members(kept_sel["label"], name, d.mode).sum())
         balanced = d.class_pseudo[class_members(d.class_pseudo["label"], name, d.mode)] if len(d.class_pseudo) else d.class_pseudo
         word, why = verdict(precision=at["precision"], low=low, high=high, n_oof=at["kept"], ece=ece, kept=kept,
-                            target_precision=target, max_ece=max_ece)
+                            target_precision=target, max_ece=max_ece, threshold=float(thresholds[c]))
         rows.append({"kind": "class", "name": name, "threshold": float(thresholds[c]), "oof_n": at["kept"],
+                     "evidence": evidence((d.class_info.get("support") or {}).get(name),
+                                          d.cfg.pseudo.min_oof_support if d.class_info.get("thresholds") else 0),
                      "oof_precision": at["precision"], "ci_low": low, "ci_high": high, "oof_recall": at["recall"],
                      "ece": ece, "kept": kept, "after_balance": int(balanced["copies"].sum()) if len(balanced) else 0,
                      "truth_precision": truth.get(name), "verdict": word, "rule": why})
@@ -75,8 +77,18 @@ def box_gt(d: CycleData) -> pd.DataFrame:
     return gt[gt["image_id"].isin(boxed)]
 
 
+def evidence(support: int | None, minimum: int) -> str | None:
+    """How many OOF predictions the class's threshold was read from, flagged "weak" under the
+    run's minimum (``*.min_oof_support``): a precision read off a handful of images means nothing."""
+    if support is None:
+        return None
+    return f"weak: n={int(support)} < {minimum}" if support < minimum else f"n={int(support)}"
+
+
 def box_thresholds_used(d: CycleData) -> np.ndarray:
-    given = (d.box_info or {}).get("thresholds") or {}
+    """The score each box class's pseudo boxes passed: the top-k fallback's where it applied."""
+    info = d.box_info or {}
+    given = info.get("thresholds_used") or info.get("thresholds") or {}
     return np.array([float("inf") if given.get(n) is None else float(given[n]) for n in d.table.box_classes])
 
 
@@ -101,8 +113,9 @@ def box_stats(d: CycleData, target: float, truth: dict[str, float]) -> list[dict
         ece = expected_calibration_error(np.clip(scores, 0, 1), correct)
         kept = int((d.box_pseudo["class_id"] == k).sum())
         word, why = verdict(precision=at["precision"], low=low, high=high, n_oof=at["kept"], ece=ece, kept=kept,
-                            target_precision=target, max_ece=None)
+                            target_precision=target, max_ece=None, threshold=float(thresholds[k]))
         rows.append({"kind": "box", "name": name, "threshold": float(thresholds[k]), "oof_n": at["kept"],
+                     "evidence": evidence(((d.box_info or {}).get("support") or {}).get(name), d.cfg.detector.min_oof_support),
                      "oof_precision": at["precision"], "ci_low": low, "ci_high": high, "oof_recall": at["recall"],
                      "ece": ece, "kept": kept, "after_balance": None, "truth_precision": truth.get(name), "verdict": word,
                      "rule": why})

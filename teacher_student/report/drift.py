@@ -2,17 +2,14 @@
 
 Why: a teacher that confirms its own mistakes shows it across cycles, not within one -- its pool
 labels flip between generations, or the share of the pool it keeps grows while OOF metrics stall.
-Metrics come from summary.json when the run wrote it, else they are computed from the OOF files.
+Metrics are the ones the runner wrote for each generation (``gen<g>/metrics.json``).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ...datasets.atomic import read_table
-from ..layout import (BOX_IMAGES, BOX_PSEUDO, BOX_PSEUDO_INFO, CLASS_PSEUDO_INFO, CLASS_SELECTION, CLASSIFIER, DETECTOR,
-                      OOF, OOF_BOXES, POOL, prob_columns)
+from ..layout import BOX_IMAGES, BOX_PSEUDO, BOX_PSEUDO_INFO, CLASS_PSEUDO_INFO, CLASS_SELECTION, CLASSIFIER, POOL
 from ..summary import dig
-from .class_stats import box_gt
 from .figures import COLORS, panels
 from .html import Report, figure_html, html_table
 from .run_reader import CycleData, optional_json, optional_table, selection_table
@@ -20,39 +17,15 @@ from .stats import flip_rate, hard_label_strings
 
 
 def generation_metrics(d: CycleData) -> list[dict]:
-    """Metric per generation 0..cycle: from summary.json when present, else computed from OOF files."""
-    gens = [g for g in range(d.cycle + 1) if (d.layout.predictions(g, CLASSIFIER) / OOF).exists()]
-    known = {g.get("generation"): g for g in (d.summary or {}).get("generations", [])}
+    """Metric per generation 0..cycle, as the runner recorded it (``gen<g>/metrics.json``, or
+    summary.json for older runs); a generation not recorded yet has no row."""
     out = []
-    for g in gens:
-        rec = known.get(g)
-        if rec is not None:
-            out.append({"generation": g, "model": rec.get("model"), "source": "summary.json",
-                        "auc_oof": dig(rec, "classifier", "oof", "auc_macro"),
-                        "auc_test": dig(rec, "classifier", "test", "auc_macro"),
-                        "map_oof": dig(rec, "detector", "oof", "map"), "map_test": dig(rec, "detector", "test", "map")})
-        else:
-            out.append({"generation": g, "model": None, "source": "computed", **computed_metrics(d, g)})
-    return out
-
-
-def computed_metrics(d: CycleData, gen: int) -> dict:
-    from ...loops.metrics import classification_metrics
-
-    oof = read_table(d.layout.predictions(gen, CLASSIFIER) / OOF)
-    known = set(d.table.items.loc[d.table.items["has_study_label"], "image_id"])
-    oof = oof[oof["image_id"].isin(known)]
-    m = classification_metrics(d.table.study_targets(oof["image_id"]), oof[prob_columns(d.classes)].to_numpy(),
-                               d.classes, d.mode)
-    out = {"auc_oof": m["auc_macro"], "auc_test": None, "map_oof": None, "map_test": None}
-    boxes = d.layout.predictions(gen, DETECTOR) / OOF_BOXES
-    if d.table.box_classes and boxes.exists():
-        from ...loops.det_metrics import mean_average_precision
-
-        gt = box_gt(d)
-        ids = sorted(set(d.table.items.loc[d.table.items["box_labeled"], "image_id"]) & set(d.folds.index))
-        out["map_oof"] = mean_average_precision(read_table(boxes), gt, num_classes=len(d.table.box_classes),
-                                                iou_thr=d.cfg.detector.metric_iou, image_ids=ids)["map"]
+    for g, rec in sorted(d.metrics.items()):
+        out.append({"generation": g, "source": rec.get("source"), "model": rec.get("model"),
+                    "detector_model": rec.get("detector_model"),
+                    "auc_oof": dig(rec, "classifier", "oof", "auc_macro"),
+                    "auc_test": dig(rec, "classifier", "test", "auc_macro"),
+                    "map_oof": dig(rec, "detector", "oof", "map"), "map_test": dig(rec, "detector", "test", "map")})
     return out
 
 

@@ -27,6 +27,11 @@ th{background:#f4f4f4}td.s{text-align:left}.note{background:#fff8e1;border-left:
 img.fig{max-width:100%;display:block;margin:6px 0}.grid{display:flex;flex-wrap:wrap;gap:6px}
 figure{margin:0;width:120px;font-size:11px;color:#444}figure img{width:112px;height:112px;image-rendering:auto}
 figcaption{word-break:break-all}.row-label{font-weight:600;margin:8px 0 2px}
+.headline{border:2px solid #444;border-radius:6px;padding:10px 14px;margin:12px 0;background:#fafafa}
+.headline .sentence{font-size:16px;font-weight:600;margin:4px 0 8px}.headline .status{color:#555;font-style:italic}
+ul.flags{margin:6px 0;padding-left:20px}ul.flags li{color:#b00020;font-weight:600}
+ul.checks{margin:4px 0;padding-left:20px}ul.checks li{color:#7a5200}.checks-title{margin:6px 0 0;font-weight:600}
+td.c-rule{min-width:260px;font-size:12px}div.wide{overflow-x:auto}td.flag{background:#f8d7da;color:#b00020;font-weight:600}p.collapsed{color:#555}
 """
 
 
@@ -60,12 +65,14 @@ def html_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
         cells = []
         for c in columns:
             value = row.get(c)
-            cls = "s" if isinstance(value, str) else ""
+            cls = ("s " if isinstance(value, str) else "") + "c-" + "".join(ch if ch.isalnum() else "-" for ch in str(c))
             if c == "verdict":
                 cls += " v-" + str(value).replace(" ", "-")
+            if isinstance(value, str) and value.startswith("weak"):
+                cls += " flag"
             cells.append(f'<td class="{cls.strip()}">{esc(fmt(value))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<div class='wide'><table><tr>{head}</tr>{''.join(body)}</table></div>"
 
 
 def png_uri(data: bytes) -> str:

@@ -7,7 +7,7 @@ labels (``RunLayout.pseudo(c)``) were made by generation ``c - 1``, whose predic
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,7 +21,7 @@ from ...datasets.table import ItemTable, load_table
 from ..config import EngineConfig, load_config
 from ..layout import (BOX_IMAGES, BOX_OOF_MATCHED, BOX_PSEUDO, BOX_PSEUDO_INFO, CLASS_PSEUDO, CLASS_PSEUDO_INFO,
                       CLASS_SELECTION, CLASSIFIER, DETECTOR, FOLDS, OOF, POOL, POOL_FOLDS, POOL_FUSED, TABLE_META,
-                      RunLayout)
+                      RunLayout, pseudo_fold_dir)
 from ..pseudo import LabelMode
 
 Loader = Callable[[str], np.ndarray]
@@ -110,6 +110,11 @@ class CycleData:
     box_info: dict | None = None
     fused: pd.DataFrame | None = None
     summary: dict | None = None
+    fold_infos: dict[str, list[dict]] = field(default_factory=dict)
+    """Per task, the selection info of every student fold (``pseudo/fold<k>/*.json``): what the
+    students trained on, as opposed to the ensemble's selection the rest of the page judges."""
+    metrics: dict[int, dict] = field(default_factory=dict)
+    """Generation -> its scores (``gen<g>/metrics.json``), for the generations written so far."""
 
     @property
     def classes(self) -> list[str]:
@@ -150,6 +155,9 @@ def read_cycle(run_dir: str | Path, cycle: int) -> CycleData:
         class_pseudo=read_table(pseudo_dir / CLASS_PSEUDO),
         class_info=optional_json(pseudo_dir / CLASS_PSEUDO_INFO) or {},
         summary=optional_json(layout.summary))
+    d.fold_infos = {name: fold_infos(pseudo_dir, file) for name, file in ((CLASSIFIER, CLASS_PSEUDO_INFO),
+                                                                         (DETECTOR, BOX_PSEUDO_INFO))}
+    d.metrics = generation_metrics(layout, cycle, d.summary)
     if (pseudo_dir / BOX_PSEUDO).exists():
         d.matched = box_table(pseudo_dir / BOX_OOF_MATCHED)
         d.box_pseudo = box_table(pseudo_dir / BOX_PSEUDO)
@@ -164,3 +172,25 @@ def default_loader(run_dir: Path, cfg: EngineConfig) -> Loader:
     from ...datasets.cache import ImageCache
 
     return ImageCache(RunLayout(run_dir, cfg.run.cache_dir).cache, cfg.preprocess).load
+
+
+def fold_infos(pseudo_dir: Path, name: str) -> list[dict]:
+    """The per-fold selection records (fold 0, 1, ... while they exist); empty for older runs."""
+    out = []
+    while (path := pseudo_fold_dir(pseudo_dir, len(out)) / name).exists():
+        out.append(read_json(path))
+    return out
+
+
+def generation_metrics(layout: RunLayout, cycle: int, summary: dict | None) -> dict[int, dict]:
+    """Scores of generations 0..cycle: ``gen<g>/metrics.json`` (written as each generation ends),
+    else the generation's record in summary.json (runs from before metrics.json existed)."""
+    known = {g.get("generation"): g for g in (summary or {}).get("generations", [])}
+    out = {}
+    for gen in range(cycle + 1):
+        record = optional_json(layout.metrics(gen))
+        if record is not None:
+            out[gen] = {**record, "source": "metrics.json"}
+        elif gen in known:
+            out[gen] = {**known[gen], "source": "summary.json"}
+    return out

@@ -93,13 +93,20 @@ def pr_section(d: CycleData, r: Report, stats: list[dict], box_rows: list[dict])
     r.data["precision_curves"] = {"classes": {s["name"]: sampled(curve) for s, curve in series}}
     if d.has_boxes:
         gt = box_gt(d)
-        box_series = []
+        box_series, without = [], []
         for k, s in enumerate(box_rows):
             m = d.matched[d.matched["class_id"] == k]
+            if m.empty:
+                without.append(s["name"])
+                continue
             box_series.append((s, pr_table(m["score"].to_numpy(np.float64), m["true_positive"].astype(bool).to_numpy(),
                                            n_positive=int((gt["class_id"] == k).sum()))))
-        r.add(f"<h3>Boxes, per class, at IoU {d.cfg.detector.metric_iou:g}</h3>", curves_figure(box_series, "box score"))
+        r.add(f"<h3>Boxes, per class, at IoU {d.cfg.detector.metric_iou:g}</h3>",
+              curves_figure(box_series, "box score") if box_series else "<p>No OOF box of any class.</p>")
+        if without and box_series:
+            r.add(f"<p class='collapsed'>No OOF box (no curve) for {len(without)} box classes: {esc(', '.join(without))}.</p>")
         r.data["precision_curves"]["boxes"] = {s["name"]: sampled(curve) for s, curve in box_series}
+        r.data["precision_curves"]["boxes_without_oof"] = without
 
 
 def sampled(curve: pd.DataFrame) -> dict:
@@ -153,7 +160,7 @@ def agreement_section(d: CycleData, r: Report, spread: pd.Series) -> None:
     if spread.empty:
         r.para("No per-fold pool predictions (pool_folds.csv) for this teacher.", "note")
     kept = set(d.selection.loc[d.selection["kept"].astype(bool), "image_id"])
-    n_plots = 1 + int(d.has_boxes and d.fused is not None)
+    n_plots = 1 + int(d.has_boxes and d.fused is not None and len(d.fused) > 0)
     fig, axes = panels(n_plots, ncols=2, width=3.8, height=2.6)
     is_kept = spread.index.isin(list(kept))
     axes[0].hist([spread[is_kept].to_numpy(), spread[~is_kept].to_numpy()], bins=20, stacked=True,
@@ -230,15 +237,46 @@ def quality_section(d: CycleData, r: Report, box_truth: dict[str, float]) -> Non
     r.data["hidden_truth_precision"] = truth if d.truth is not None else None
 
 
+def has_data(row: dict) -> bool:
+    """A verdict row with something to judge: pseudo labels kept, or OOF predictions at its threshold."""
+    return bool(row["kept"]) or bool(row["oof_n"])
+
+
+def display_row(row: dict) -> dict:
+    """A verdict row with short column names (the JSON keeps the long ones), so the table fits a screen."""
+    ci = "–" if not np.isfinite(row["ci_low"]) else f"{row['ci_low']:.2f}-{row['ci_high']:.2f}"
+    return {"kind": row["kind"], "name": row["name"], "verdict": row["verdict"], "threshold": row["threshold"],
+            "evidence": row["evidence"], "OOF prec.": row["oof_precision"], "95% CI": ci, "OOF n": row["oof_n"],
+            "recall": row["oof_recall"], "ECE": row["ece"], "kept": row["kept"], "balanced": row["after_balance"],
+            "truth prec.": row["truth_precision"], "rule": row["rule"]}
+
+
+def collapsed_line(rows: list[dict], what: str) -> str:
+    """One line for the classes without data, instead of a table row (or panel) each."""
+    if not rows:
+        return ""
+    names = ", ".join(esc(r["name"]) for r in rows)
+    return (f"<p class='collapsed'>{len(rows)} {what} without data (nothing kept and no OOF prediction at the "
+            f"threshold, mostly threshold 'never'): {names}.</p>")
+
+
 def verdict_section(d: CycleData, r: Report, class_rows: list[dict], box_rows: list[dict], target: float, box_target: float) -> None:
-    """The verdict table first, with the rules that decided it: what a reader acts on."""
+    """The verdict table first, with the rules that decided it: what a reader acts on. Classes
+    without data share one line below the table."""
     r.section("verdict", "Verdict per class")
-    cols = ["kind", "name", "verdict", "threshold", "oof_precision", "ci_low", "ci_high", "oof_n", "oof_recall", "ece",
-            "kept", "after_balance", "truth_precision", "rule"]
+    shown = [display_row(row) for row in class_rows + box_rows if has_data(row)]
+    cols = list(shown[0]) if shown else []
+    empty_classes = [row for row in class_rows if not has_data(row)]
+    empty_boxes = [row for row in box_rows if not has_data(row)]
     r.add(f"<p>Targets: class precision {target:.2f}" + (f", box precision {box_target:.2f}" if box_rows else "") +
           ". Precision and recall are read on out-of-fold predictions at the threshold this cycle used ('never': "
-          "no score reaches the target precision).</p>", html_table(class_rows + box_rows, cols))
+          "no score reaches the target precision); 'evidence' is how many OOF predictions the threshold was read "
+          "from, in red under the run's minimum. This table judges the whole ensemble's selection; the headline "
+          "counts what the fold students trained on.</p>",
+          html_table(shown, cols) if shown else "<p>No class has data to judge.</p>",
+          collapsed_line(empty_classes, "classes"), collapsed_line(empty_boxes, "box classes"))
     rules = "".join(f"<li><b>{esc(w)}</b>: {esc(t)}</li>" for w, t in VERDICT_RULES)
     r.add(f"<details><summary>How the verdict is decided (checked in this order)</summary><ol>{rules}</ol></details>")
     r.data["verdicts"] = {"rules": dict(VERDICT_RULES), "target_precision": target, "box_target_precision": box_target,
-                          "classes": class_rows, "boxes": box_rows}
+                          "classes": class_rows, "boxes": box_rows,
+                          "without_data": [row["name"] for row in empty_classes + empty_boxes]}

@@ -24,7 +24,8 @@ TRUST_LOWER_SLACK = 0.10
 ECE_BINS = 10
 
 VERDICT_RULES = [
-    ("none kept", "no unlabeled image passed the threshold: this class gives the student nothing."),
+    ("none kept", "no unlabeled image passed the threshold, or the threshold is 'never' (no OOF score reaches the "
+                  "target precision): this class gives the student nothing."),
     ("do not use", "even the upper end of the 95% interval of the OOF precision at the threshold used is below "
                    "the target: these pseudo labels are wrong more often than the run asked for."),
     ("trust", "OOF precision at the threshold reaches the target and its 95% lower bound is within "
@@ -83,7 +84,7 @@ def wilson_interval(successes: int, total: int, *, level: float = 0.95) -> tuple
 
 def verdict(*, precision: float, low: float, high: float, n_oof: int, ece: float, kept: int,
             target_precision: float, max_ece: float | None = TRUST_MAX_ECE,
-            slack: float = TRUST_LOWER_SLACK) -> tuple[str, str]:
+            slack: float = TRUST_LOWER_SLACK, threshold: float | None = None) -> tuple[str, str]:
     """Plain-words verdict on one class's pseudo labels and the rule that made it (see VERDICT_RULES).
 
     Args:
@@ -93,8 +94,13 @@ def verdict(*, precision: float, low: float, high: float, n_oof: int, ece: float
         kept: pseudo labels of this class kept on the unlabeled pool.
         max_ece: calibration a trusted class needs; None when the probabilities are not learned
             as such (hard labels, boxes), so calibration does not decide.
+        threshold: the threshold used; infinite ('never') means no OOF score reached the target,
+            which is why nothing was kept -- not that the pool lacked confident images.
     """
     if kept == 0:
+        if threshold is not None and np.isinf(threshold):
+            return "none kept", (f"threshold 'never': no OOF score reaches the target precision {target_precision:.2f}, "
+                                 "so no unlabeled image can pass")
         return "none kept", "no unlabeled image passed the threshold"
     if n_oof == 0 or not np.isfinite(precision):
         return "review", "no OOF prediction reaches the threshold, so its precision is unknown"

@@ -125,6 +125,20 @@ class Task(abc.ABC):
     def student_steps(self) -> float:
         """Students' optimizer steps as a multiple of the teacher's (this task's config)."""
 
+    def run_name(self, out_dir: Path, gen: int, fold: int) -> str:
+        """How logs, progress bars and training errors name a fold model: "classifier gen 1 fold 0",
+        or for a reference model (trained in its own folder) "classifier oracle fold 0"."""
+        owner = Path(out_dir).parent.parent.name  # <out>/<gen<g> | oracle | ablation>/<task>/<stage dir>
+        where = f"gen {gen}" if owner == f"gen{gen}" else owner
+        return f"{self.name} {where} fold {fold}"
+
+    def tensorboard_dir(self, out_dir: Path, fold: int) -> Path | None:
+        """Where fold ``fold``'s live TensorBoard scalars go (``out_dir`` is the fold stage's
+        temporary directory, swapped in as ``fold<k>`` beside it); None when run.tensorboard is off."""
+        if not self.cfg.run.tensorboard:
+            return None
+        return self.ctx.layout.tensorboard_of(Path(out_dir).parent / f"fold{fold}")
+
     def steps_factor(self, gen: int, given: float | None = None) -> float:
         """Steps of a fold model as a multiple of the teacher's: ``given`` (the oracle's budget), else
         1 for the teacher and the task's student_steps for students and the ablation."""
@@ -134,11 +148,20 @@ class Task(abc.ABC):
 
 
 def warn_starving(task: str, models: Sequence[str], info: dict) -> None:
-    """One log line per starving class: the student would otherwise learn nothing of it, silently."""
-    for name, why in info.get("starving", {}).items():
-        fallback = info.get("fallback", {}).get(name)
-        remedy = f"fallback: its {fallback} most confident kept (top_k)" if fallback is not None else "it keeps nothing"
-        log.warning("%s pseudo labels from %s: class %r starves (%s); %s", task, "+".join(models), name, why, remedy)
+    """One log line per selection naming its starving classes: the student would otherwise learn
+    nothing of them, silently. Classes starving for the same reason share the line (a detector
+    with 14 classes and no OOF box would otherwise print 14 near-identical lines per fold)."""
+    starving = info.get("starving", {})
+    if not starving:
+        return
+    fallback = info.get("fallback", {})
+    by_reason: dict[str, list[str]] = {}
+    for name, why in starving.items():
+        kept = fallback.get(name)
+        remedy = f"top_k fallback kept {kept}" if kept else "keeps nothing"
+        by_reason.setdefault(f"{why}; {remedy}", []).append(repr(name))
+    text = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
+    log.warning("%s pseudo labels from %s: %d class(es) starve: %s", task, "+".join(models), len(starving), text)
 
 
 def student_totals(fold_infos: list[dict], count_key: str = "kept_per_class") -> dict:
@@ -158,3 +181,4 @@ def student_totals(fold_infos: list[dict], count_key: str = "kept_per_class") ->
             weighted, total = weighted + info["precision"] * n, total + n
     return {count_key: per_class, "total": int(sum(per_class.values())), "starving": starving,
             "precision": weighted / total if total else None}
+

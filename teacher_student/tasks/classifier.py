@@ -27,6 +27,7 @@ from ...loops.crossfit import FoldPlan
 from ...loops.metrics import classification_metrics
 from ...loops.predict import predict_probs
 from ...loops.train import fit
+from ...loops.trainer import ProgressHook
 from .. import pseudo
 from ..config import ladder_value, matched_epochs
 from ..evaluation import class_truth_precision, class_truth_precision_per_class
@@ -183,9 +184,15 @@ class ClassifierTask(Task):
         # early stopping selects an epoch: it implies keeping the best one
         train_cfg = replace(train, epochs=plan.epochs, patience=plan.patience or train.patience,
                             keep="best" if plan.patience else train.keep)
+        hooks = [ProgressHook()]
+        logdir = self.tensorboard_dir(out_dir, plan.fold)
+        if logdir is not None:
+            from ...loops.tensorboard import TensorBoardHook
+
+            hooks.append(TensorBoardHook(logdir))
         result = fit(model, train_ds, val_ds, train_cfg, loss=self.loss_kind,
                      metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info,
-                     name=f"{CLASSIFIER} gen {gen} fold {plan.fold}")
+                     name=self.run_name(out_dir, gen, plan.fold), hooks=hooks)
         meta = {
             "model_name": name, "num_classes": len(self.table.study_classes),
             "class_names": list(self.table.study_classes), "drop_rate": drop, "drop_path_rate": drop_path,

@@ -30,7 +30,7 @@ from ..evaluation import box_truth_precision, box_truth_precision_per_class
 from ..fusion import fuse_boxes
 from ..gating import p_abnormal_series
 from ..layout import (BOX_IMAGES, BOX_OOF_MATCHED, BOX_PSEUDO, BOX_PSEUDO_INFO, CLASSIFIER, DETECTOR,
-                      DETECTOR_CHECKPOINT, LABELED_FOLDS, OOF_BOXES, POOL_FUSED, POOL_RAW, pseudo_fold_dir)
+                      DETECTOR_CHECKPOINT, HISTORY, LABELED_FOLDS, OOF_BOXES, POOL_FUSED, POOL_RAW, pseudo_fold_dir)
 from .base import Task, assert_fold_lineage, fold_seed, of_fold, student_totals, warn_starving
 from .classifier import load_predictions
 
@@ -124,14 +124,32 @@ class DetectorTask(Task):
         name = self.model_name(gen)
         detector = create_detector(dc.kind, name, len(self.table.box_classes), list(self.table.box_classes), dc.img_size,
                                    preprocess=detector_preprocess(self.cfg))
-        result = detector.fit(list(plan.train_ids), list(plan.val_ids), boxes, self.load, out_dir / "work",
-                              epochs=plan.epochs, batch_size=dc.batch_size, lr=dc.lr, img_size=dc.img_size,
-                              randaugment_n=ladder_value(dc.randaugment_n, gen),
-                              randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
-                              device=str(self.ctx.device), seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
-                              log=lambda record: log.info(format_epoch(record)),
-                              run_name=f"{DETECTOR} gen {gen} fold {plan.fold}", patience=plan.patience)
+        run_name = self.run_name(out_dir, gen, plan.fold)
+        logdir = self.tensorboard_dir(out_dir, plan.fold)
+        scalars = None
+        if logdir is not None:
+            from ...loops.tensorboard import ScalarLog
+
+            scalars = ScalarLog(logdir)
+
+        def on_epoch(record) -> None:
+            log.info(f"{run_name}: {format_epoch(record)}")
+            if scalars is not None and isinstance(record, dict):
+                scalars.epoch(record, int(record.get("epoch", 0)))
+
+        try:
+            result = detector.fit(list(plan.train_ids), list(plan.val_ids), boxes, self.load, out_dir / "work",
+                                  epochs=plan.epochs, batch_size=dc.batch_size, lr=dc.lr, img_size=dc.img_size,
+                                  randaugment_n=ladder_value(dc.randaugment_n, gen),
+                                  randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
+                                  device=str(self.ctx.device), seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
+                                  log=on_epoch, run_name=run_name, patience=plan.patience)
+        finally:
+            if scalars is not None:
+                scalars.close()
         detector.save(out_dir / DETECTOR_CHECKPOINT)
+        records = [r for r in detector.history if isinstance(r, dict) and not r.get("final")]
+        write_json(out_dir / HISTORY, {"history": records, "curve": epoch_curve(records)})
         return {"model": name, "epochs": plan.epochs, "train_images": len(set(plan.train_ids)),
                 "train_boxes": int(len(boxes)), "fit": result if isinstance(result, dict) else None}
 
@@ -302,11 +320,27 @@ def evaluate_boxes(table: ItemTable, gt: pd.DataFrame, pred: pd.DataFrame, image
                                   class_names=list(table.box_classes), image_ids=image_ids)
 
 
+def epoch_curve(records: list[dict]) -> list[dict]:
+    """Per epoch the report's curve values from a detector's records, whichever library made them:
+    ``train_loss`` / ``val_loss`` (``train/loss``, or the sum of the ``train/*_loss`` parts, as
+    ultralytics logs box, class and DFL losses) and ``metric`` (ultralytics' validation mAP@0.5;
+    effdet validates by loss only)."""
+    def total(record: dict, split: str) -> float | None:
+        if f"{split}/loss" in record:
+            return float(record[f"{split}/loss"])
+        parts = [float(v) for k, v in record.items() if k.startswith(f"{split}/") and k.endswith("_loss")]
+        return sum(parts) if parts else None
+
+    return [{"epoch": int(r.get("epoch", n)), "train_loss": total(r, "train"), "val_loss": total(r, "val"),
+             "metric": r.get("metrics/mAP50(B)"), "metric_name": "mAP@0.5 (ultralytics val)" if "metrics/mAP50(B)" in r
+             else None} for n, r in enumerate(records, start=1)]
+
+
 def format_epoch(record) -> str:
     """One readable log line from a detector's per-epoch record (a dict of losses and metrics)."""
     if not isinstance(record, dict):
         return str(record)
-    parts = [f"detector epoch {record.get('epoch', '?')}/{record.get('epochs', '?')}"]
+    parts = [f"epoch {record.get('epoch', '?')}/{record.get('epochs', '?')}"]
     for key, value in record.items():
         if key not in ("epoch", "epochs", "final") and isinstance(value, (int, float)):
             parts.append(f"{key.replace('metrics/', '').replace('(B)', '')} {value:.4g}")
