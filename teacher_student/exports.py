@@ -22,6 +22,9 @@ Formats:
     with ``score``, ``source``, ``cycle`` and ``models``; ``--include-labeled`` adds the ground truth.
     File names are ``<image_id>.png`` (as in the YOLO export), not the source paths, whose folders
     may name patients; boxes are in the source image's pixels.
+``masks``
+    The kept pseudo masks as PNGs, SIIM-ACR RLE and COCO with RLE segmentation
+    (``teacher_student.mask_exports``; a folder).
 ``submission``
     Copies of the final competition CSVs (``final/submission_raw.csv``, ``submission_gated.csv``).
 
@@ -45,7 +48,7 @@ from .layout import BOX_IMAGES, BOX_PSEUDO, CLASS_PSEUDO, FOLDS, GATE, SUBMISSIO
 from .report.run_reader import check_cycle, default_loader, load_run_config
 from .report.stats import label_strings
 
-FORMATS = ("csv", "yolo", "coco", "submission")
+FORMATS = ("csv", "yolo", "coco", "masks", "submission")
 CSV_COLUMNS = ["image_id", "kind", "label", "class_id", "score", "copies", "cycle", "source", "folds", "models",
                "n_models", *BOX_COLUMNS]
 SUBMISSIONS = (SUBMISSION.format("raw"), SUBMISSION.format("gated"))
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cycle whose pseudo labels to export (>= 1; default: the last cycle run)")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="csv: pseudo-label table; yolo: dataset folder for ultralytics; coco: detection JSON; "
-                        "submission: the final competition CSVs")
+                        "masks: pseudo masks as PNG, RLE and COCO (a folder); submission: the final competition CSVs")
     p.add_argument("--dest", required=True, metavar="PATH",
                    help="output file (csv, coco) or folder (yolo, submission); replaced if it exists")
     p.add_argument("--include-labeled", action="store_true",
@@ -114,6 +117,10 @@ def export(run_dir: Path, cycle: int | None, fmt: str, dest: Path, *, include_la
     if cycle < 1:
         raise DataError(f"--cycle {cycle}: cycles are numbered from 1 (cycle 0 trains the first teachers only)")
     pseudo_dir = check_cycle(run_dir, cycle)
+    if fmt == "masks":
+        from .mask_exports import export_masks
+
+        return export_masks(run_dir, pseudo_dir, cycle, dest)
     table = load_table(layout.data)
     if fmt == "csv":
         frame = pseudo_rows(table, pseudo_dir, cycle)
