@@ -173,9 +173,11 @@ class RunLayout:
 
     def cycles_with_pseudo_labels(self) -> list[int]:
         """Cycles whose pseudo labels exist, in order."""
-        found = [int(m.group(1)) for name in (CLASS_SELECTION, MASK_PSEUDO) for p in self.root.glob(f"cycle*/pseudo/{name}")
-                 if (m := re.fullmatch(r"cycle(\d+)", p.parent.parent.name))]
-        return sorted(set(found))
+        found: set[int] = set()
+        for name in (CLASS_SELECTION, MASK_PSEUDO):  # a run without a classifier has pseudo masks only
+            found |= {int(m.group(1)) for p in self.root.glob(f"cycle*/pseudo/{name}")
+                      if (m := re.fullmatch(r"cycle(\d+)", p.parent.parent.name))}
+        return sorted(found)
 
     def is_run(self) -> bool:
         return (self.data / TABLE_META).exists()

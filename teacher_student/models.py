@@ -123,24 +123,29 @@ class AuxMaskClassifier(nn.Module):
     SIIM-COVID19 winners' segmentation auxiliary loss): conv 3x3 + BN + ReLU + conv 1x1 to one mask
     channel, upsampled bilinearly to the input. ``forward`` is the plain classifier (prediction,
     validation, precise BN never see the head); ``forward_aux`` gives (class logits, mask logits)
-    for the training loss (``loops.train.ClassifierTrainer.aux_forward``). Only ``classifier`` is
-    saved: the checkpoint is an ordinary classifier's."""
+    for the training loss (``loops.train.ClassifierTrainer.aux_forward``). Only ``net`` is saved
+    (:func:`plain_classifier`): the checkpoint is an ordinary classifier's."""
 
     def __init__(self, classifier: nn.Module, *, aux_weight: float, width: int = 32):
         super().__init__()
-        self.classifier, self.aux_weight = classifier, float(aux_weight)
+        self.net, self.aux_weight = classifier, float(aux_weight)
         channels = classifier.num_features
         self.mask_head = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                                        nn.ReLU(inplace=True), nn.Conv2d(width, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x)
+        return self.net(x)
 
     def forward_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.classifier.forward_features(x)
+        features = self.net.forward_features(x)
         mask = nn.functional.interpolate(self.mask_head(features), size=x.shape[-2:], mode="bilinear",
                                          align_corners=False)
-        return self.classifier.forward_head(features), mask
+        return self.net.forward_head(features), mask
+
+
+def plain_classifier(model: nn.Module) -> nn.Module:
+    """The timm classifier inside an :class:`AuxMaskClassifier` (the model itself otherwise)."""
+    return model.net if isinstance(model, AuxMaskClassifier) else model
 
 
 def count_parameters(model: nn.Module) -> int:

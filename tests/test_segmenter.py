@@ -121,3 +121,15 @@ def test_classification_items_carry_their_mask_through_the_same_transform():
         assert item["mask_weight"] == 1 and (item["mask"][0] > 0).sum() > 0
         assert (bright == (item["mask"][0] > 0)).mean() > 0.9  # flips and warps moved both
     assert ds[1]["mask_weight"] == 0 and ds[1]["mask"].sum() == 0
+
+
+def test_run_tasks_may_be_a_segmenter_alone_only_without_a_cascade():
+    from cxr_noisy_student.datasets.errors import ConfigError
+    from cxr_noisy_student.teacher_student.config import load_config
+
+    cfg = load_config(None, ["run.tasks=segmenter", "segmenter.cascade.mode=off"])
+    assert cfg.run.tasks == ("segmenter",)
+    with pytest.raises(ConfigError, match="only a segmenter with segmenter.cascade.mode off runs alone"):
+        load_config(None, ["run.tasks=segmenter"])
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(None, ["run.tasks=classifier,segmentor"])

@@ -44,7 +44,8 @@ def _stated_positive(row: dict) -> tuple[bool | None, float | None, str | None]:
     return positive, fraction, None
 
 
-def _row_mask(row: dict, mask_col: str, root: Path, size: tuple[int, int], relative: bool) -> tuple[np.ndarray | None, str, str | None]:
+def _row_mask(row: dict, mask_col: str, root: Path, size: tuple[int, int],
+              relative: bool) -> tuple[np.ndarray | None, str, str | None]:
     """(mask, the file it came from or '', problem) for one row."""
     width, height = size
     value = row[mask_col]

@@ -20,8 +20,8 @@ from ...datasets.errors import ConfigError, DataError
 from ...datasets.table import ItemTable, load_table
 from ..config import EngineConfig, load_config
 from ..layout import (BOX_IMAGES, BOX_OOF_MATCHED, BOX_PSEUDO, BOX_PSEUDO_INFO, CLASS_PSEUDO, CLASS_PSEUDO_INFO,
-                      CLASS_SELECTION, CLASSIFIER, MASK_PSEUDO, DETECTOR, FOLDS, OOF, POOL, POOL_FOLDS, POOL_FUSED, TABLE_META,
-                      RunLayout)
+                      CLASS_SELECTION, CLASSIFIER, DETECTOR, FOLDS, MASK_PSEUDO, OOF, POOL, POOL_FOLDS, POOL_FUSED,
+                      TABLE_META, RunLayout)
 from ..pseudo import LabelMode
 
 Loader = Callable[[str], np.ndarray]

@@ -102,7 +102,7 @@ class SegmenterTask(Task):
                    *, steps_factor: float | None = None, patience: int = 0) -> list[FoldPlan]:
         """Fold k: ground-truth masks of the other folds' labeled images (+ extra ids with truth) +
         the pseudo masks chosen for fold k (teacher fold k alone; see ClassifierTask.fold_plans)."""
-        sc, folds, plans = self.cfg.segmenter, self.ctx.folds, []
+        sc, folds, plans, masks = self.cfg.segmenter, self.ctx.folds, [], self.ctx.mask_loader()
         for fold in range(self.cfg.folds.k):
             train_ids = [i for i in self.labeled_ids() if folds[i] != fold] + list(extra_ids)
             val_ids = [i for i in self.labeled_ids() if folds[i] == fold]
@@ -118,10 +118,15 @@ class SegmenterTask(Task):
                 threshold, digest = info["pixel_threshold"], file_digest(where)
             ids = train_ids + list(pseudo)
             weights = np.r_[np.ones(len(train_ids)), np.full(len(pseudo), sc.pseudo_weight)].astype(np.float32)
+            if sc.empty_weight != 1.0:
+                empty = ([not masks(i).any() for i in train_ids]
+                         + [not (m >= threshold * 255).any() for m in pseudo.values()])
+                weights = np.where(empty, weights * sc.empty_weight, weights).astype(np.float32)
             epochs = matched_epochs(sc.train.epochs, len(train_ids) - len(extra_ids), len(ids),
                                     self.steps_factor(gen, steps_factor))
             plans.append(FoldPlan(fold, MaskTrainingSet(ids, pseudo, threshold, weights, gen), tuple(ids),
-                                  tuple(val_ids), epochs, {"ids": ids, "pseudo": digest}, patience=patience))
+                                  tuple(val_ids), epochs, {"ids": ids, "pseudo": digest, "weights": weights.tolist()},
+                                  patience=patience))
         return plans
 
     # ------------------------------------------------------------------ one fold
@@ -157,7 +162,8 @@ class SegmenterTask(Task):
                                device=self.ctx.device, log=log.info, seed=seed, dice_weight=sc.dice_weight,
                                name=f"{SEGMENTER} gen {gen} fold {plan.fold}")
         meta = {"model_name": name, "num_classes": 1, "class_names": list(SEG_CLASS_NAMES), "drop_rate": drop,
-                "drop_path_rate": drop_path, "decoder_channels": list(sc.decoder_channels), "preprocess": config_to_dict(pp), "activation": "sigmoid",
+                "drop_path_rate": drop_path, "decoder_channels": list(sc.decoder_channels),
+                "preprocess": config_to_dict(pp), "activation": "sigmoid",
                 "generation": gen, "fold": plan.fold, "randaugment": [n, m], "epochs": plan.epochs,
                 "config": config_to_dict(cfg)}
         save_checkpoint(out_dir / CHECKPOINT, model, meta)
