@@ -30,6 +30,7 @@ setup(
         "timm>=1.0",
         "ultralytics>=8.3",
         "effdet>=0.4",
+        "segmentation-models-pytorch>=0.5",  # the segmenter: Unet / FPN over timm encoders
         "albumentations>=2.0",
         "pydicom>=3.0",
         "pylibjpeg>=2.0",

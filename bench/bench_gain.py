@@ -4,12 +4,14 @@ several seeds, every model scored on the held-out test part.
     python bench/bench_gain.py                         # the demo, seeds 0 1 2, --cycles 3
     python bench/bench_gain.py --seeds 0 1 2 3 4 --cycles 2
     python bench/bench_gain.py --config teacher_student/presets/cxr_covid.yaml --data ../shared/data/cxr-covid-ieee8023
+    OMP_NUM_THREADS=1 python bench/bench_gain.py --config teacher_student/presets/cxr_lungs.yaml \
+        --data ../shared/data/cxr-covid-ieee8023          # lung masks: segmenter test dice
 
 For each seed (the demo's data seed and the run seed) it runs ``run_cycle.py`` in a subprocess into
 its own run folder (rerunning resumes), then prints per seed and as mean +/- sd over seeds: the
 cycle-0 teacher, every student, the ablation (the last student's recipe on labeled data only) and
-the oracle (the same recipe on every label, trained longer) -- classifier test AUC and detector
-test mAP -- the pseudo labels the students trained on per class with their precision against the
+the oracle (the same recipe on every label, trained longer) -- classifier test AUC, detector test
+mAP and segmenter test dice (mean per image) -- the pseudo labels the students trained on per class with their precision against the
 pool's hidden truth, and the paired differences student - ablation and student - teacher with the
 number of seeds in which they are positive. Everything also goes to ``<out>/bench_gain.json``.
 """
@@ -24,7 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = (("classifier", ("classifier", "test", "auc_macro"), "AUC"), ("detector", ("detector", "test", "map"), "mAP"))
+METRICS = (("classifier", ("classifier", "test", "auc_macro"), "AUC"), ("detector", ("detector", "test", "map"), "mAP"),
+           ("segmenter", ("segmenter", "test", "dice"), "dice"))
+GAIN_KEYS = {"classifier": "classifier_auc", "detector": "detector_map", "segmenter": "segmenter_dice"}
 
 
 def dig(d, *keys):
@@ -64,12 +68,11 @@ def seed_row(seed: int, summary: dict) -> dict:
         last, teacher, ablation = (dig(gens[-1], *path), dig(gens[0], *path), dig(summary.get("ablation"), *path))
         row["diff"][task] = {"student_minus_ablation": None if None in (last, ablation) else last - ablation,
                              "student_minus_teacher": None if None in (last, teacher) else last - teacher}
-        row["diff"][task]["gap_closed"] = dig(summary, "gains", f"{task}_{'auc' if task == 'classifier' else 'map'}",
-                                              "gap_closed")
+        row["diff"][task]["gap_closed"] = dig(summary, "gains", GAIN_KEYS[task], "gap_closed")
     for cycle in summary.get("cycles", []):
         p = cycle.get("pseudo", {})
-        row["pseudo"].append({"cycle": cycle["cycle"],
-                              "classifier": dig(p, "classifier", "students"), "detector": dig(p, "detector", "students")})
+        row["pseudo"].append({"cycle": cycle["cycle"], "classifier": dig(p, "classifier", "students"),
+                              "detector": dig(p, "detector", "students"), "segmenter": dig(p, "segmenter", "students")})
     return row
 
 
@@ -82,7 +85,7 @@ def mean_sd(values: list) -> str:
 
 
 def print_report(rows: list[dict]) -> None:
-    names = list(rows[0]["scores"]["classifier"])
+    names = list(rows[0]["scores"]["segmenter"])
     for task, _, metric in METRICS:
         if all(v is None for r in rows for v in r["scores"][task].values()):
             continue
@@ -103,9 +106,10 @@ def print_report(rows: list[dict]) -> None:
     print("\npseudo labels the students trained on (all folds; precision vs hidden truth)")
     for r in rows:
         for c in r["pseudo"]:
-            cls, det = c["classifier"] or {}, c["detector"] or {}
+            cls, det, seg = c["classifier"] or {}, c["detector"] or {}, c.get("segmenter") or {}
             print(f"  seed {r['seed']} cycle {c['cycle']}: classes {cls.get('kept_per_class')} prec "
                   f"{_f(cls.get('precision'))}; boxes {det.get('per_class')} prec {_f(det.get('precision'))}"
+                  + (f"; pseudo masks {seg.get('total')} dice vs truth {_f(seg.get('precision'))}" if seg else "")
                   + (f"; starving {sorted({**cls.get('starving', {}), **det.get('starving', {})})}"
                      if cls.get("starving") or det.get("starving") else ""))
     print("\nwall seconds per seed: " + ", ".join(f"{r['seed']}: {r['wall_s']}" for r in rows))

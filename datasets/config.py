@@ -41,6 +41,12 @@ class DataConfig:
     """The study class meaning "nothing abnormal"; P(abnormal) = 1 - P(normal). Empty: adapter's."""
     box_classes: tuple[str, ...] = ()
     """Detector class names; empty: taken from the adapter."""
+    masks_csv: str = ""
+    """Segmentation masks, relative to root: image_id (or ImageId) and mask_file (a 0/255 PNG the
+    size of the image) or EncodedPixels (SIIM-ACR run-length text, -1 for empty; several rows =
+    instances, united). Empty: none (the demo finds its own masks.csv)."""
+    mask_rle: Literal["relative", "absolute"] = "relative"
+    """EncodedPixels starts: relative (SIIM-ACR train-rle.csv) or absolute 1-based (standard Kaggle RLE)."""
     fuse_radiologists: bool = True
     """VinBigData: fuse the boxes of several radiologists with WBF (as the top solutions did)."""
     radiologist_iou_thr: float = field(default=0.4, metadata={"gt": 0, "le": 1})
@@ -59,9 +65,9 @@ class DataConfig:
     """Hold out about this fraction of the labeled images as the test role, whole patient and
     duplicate groups at a time (for data without a test part; 0: none). Test images are never
     trained on; every generation and reference model is scored on them."""
-    test_from: Literal["labeled", "box_labeled"] = "labeled"
+    test_from: Literal["labeled", "box_labeled", "mask_labeled"] = "labeled"
     """Which labeled images test_fraction counts: all, or those with ground-truth boxes (the
-    detector's test set; their groups' other images go with them)."""
+    detector's test set) or masks (the segmenter's); their groups' other images go with them."""
     hidden_truth: bool = True
     """Read the pool's hidden truth when the dataset has one (the demo's unlabeled_truth.csv): it only
     measures the pseudo labels and trains the oracle; false runs the same selection and training

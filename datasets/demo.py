@@ -39,9 +39,11 @@ from threadpoolctl import threadpool_limits
 
 from .errors import DataError
 from .atomic import atomic_path, read_json, write_json
-from .demo_images import DEMO_CLASS_IDS, Lesion, patient_anatomy, synthesize_case
+from .demo_images import DEMO_CLASS_IDS, Lesion, lesion_masks, patient_anatomy, synthesize_case
+from .masks import DEMO_MASKS, DEMO_TRUTH_MASKS, EMPTY_RLE, rle_encode
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+"""2: adds the lung-opacity masks (masks.csv, unlabeled_masks.csv); every other file is unchanged."""
 VINBIGDATA_CLASSES = (
     "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD",
     "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion",
@@ -56,6 +58,9 @@ SPLIT_DIRS = {"labeled": "train", "unlabeled": "test", "holdout": "holdout"}
 CSV_OF = {"labeled": "train.csv", "unlabeled": "unlabeled_truth.csv", "holdout": "holdout.csv"}
 SIIM_CSVS = tuple(f"{p}_{kind}_level.csv" for p in ("train", "holdout", "unlabeled_truth") for kind in ("study", "image"))
 """The CSVs of the SIIM-layout demo (``datasets.demo_siim``), which shares this folder's clean-up."""
+MASKS_OF = {"labeled": DEMO_MASKS, "holdout": DEMO_MASKS, "unlabeled": DEMO_TRUTH_MASKS}
+"""Lung-opacity masks (SIIM-ACR train-rle.csv format): the labeled and held-out images share one
+file; the pool's masks are hidden truth, apart (evaluation and the oracle only)."""
 
 NORMAL_FRACTION = 0.45
 RADIOLOGISTS = tuple(f"R{i}" for i in range(1, 18))
@@ -198,7 +203,8 @@ def _split_specs(seed: int, split: str, count: int, size: int, first_patient: in
         case = synthesize_case(rng, width=size, height=height, normal=normal, patient=patient["anatomy"])
         style = dicom_style(rng)
         specs.append({"image_id": _image_id(seed, split, index), "patient": patient, "rng": rng,
-                      "lesions": case.lesions, "pixels": stored_pixels(case.image, style), "style": style})
+                      "lesions": case.lesions, "pixels": stored_pixels(case.image, style), "style": style,
+                      "masks": [rle_encode(m) for m in lesion_masks(case)]})
     return specs
 
 
@@ -264,7 +270,7 @@ def _clear(root: Path) -> None:
         raise DataError(f"{root}: folder is not empty and holds no demo dataset; choose an empty or new folder")
     for name in SPLIT_DIRS.values():
         shutil.rmtree(root / name, ignore_errors=True)
-    for name in ("train.csv", "holdout.csv", "unlabeled_truth.csv", *SIIM_CSVS, MANIFEST):
+    for name in ("train.csv", "holdout.csv", "unlabeled_truth.csv", *SIIM_CSVS, DEMO_MASKS, DEMO_TRUTH_MASKS, MANIFEST):
         (root / name).unlink(missing_ok=True)
 
 
@@ -294,7 +300,7 @@ def _manifest(params: dict, specs: dict, pairs: list) -> dict:
         "duplicates": [list(p) for p in pairs],
         "class_names": {str(c): VINBIGDATA_CLASSES[c] for c in DEMO_CLASS_IDS},
         "normal_class": VINBIGDATA_CLASSES[NO_FINDING_ID],
-        "files": dict(CSV_OF),
+        "files": {**CSV_OF, **{f"{split} masks": name for split, name in MASKS_OF.items()}},
         "dirs": dict(SPLIT_DIRS),
         "image_ids": {split: [s["image_id"] for s in group] for split, group in specs.items()},
     }
@@ -338,9 +344,21 @@ def _generate(root: Path, params: dict) -> dict:
         _write_split(root, seed, split, specs[split])
         rows_of = _labeled_rows if split == "labeled" else _truth_rows
         _write_csv(root / CSV_OF[split], [row for spec in specs[split] for row in rows_of(spec)])
+    _write_masks(root, specs)
     manifest = _manifest(params, specs, pairs)
     write_json(root / MANIFEST, manifest)
     return manifest
+
+
+def _write_masks(root: Path, specs: dict) -> None:
+    """The opacity masks as SIIM-ACR run-length rows (ImageId, EncodedPixels; one row per lesion,
+    -1 for an image without one), at each DICOM's own size."""
+    for name in sorted(set(MASKS_OF.values())):
+        rows = [{"ImageId": s["image_id"], "EncodedPixels": rle}
+                for split, group in specs.items() if MASKS_OF[split] == name
+                for s in group for rle in (s["masks"] or [EMPTY_RLE])]
+        with atomic_path(root / name) as tmp:
+            pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"]).to_csv(tmp, index=False)
 
 
 def _labeled_rows(spec: dict) -> list[dict]:

@@ -45,6 +45,8 @@ class Case:
     lesions: list[Lesion]
     lesion_layer: np.ndarray
     anatomy: dict = field(default_factory=dict)
+    layers: list[np.ndarray] = field(default_factory=list)
+    """Each lesion's own layer (same order as ``lesions``): its exact geometry, for masks."""
 
 
 # ----------------------------------------------------------------------------- small maths
@@ -208,10 +210,11 @@ def layer_box(layer: np.ndarray, rel: float = 0.1) -> tuple[float, float, float,
     return box if box[2] - box[0] >= 2 and box[3] - box[1] >= 2 else None
 
 
-def _lesions(rng, u, v, a, masks, normal: bool) -> tuple[list[Lesion], np.ndarray]:
+def _lesions(rng, u, v, a, masks, normal: bool) -> tuple[list[Lesion], np.ndarray, list[np.ndarray]]:
     """1-3 lesions for an abnormal image (at most one effusion), with boxes from their own layers."""
     total = np.zeros_like(u)
     lesions: list[Lesion] = []
+    layers: list[np.ndarray] = []
     count = 0 if normal else int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
     kinds, p = list(LESION_KIND_P), list(LESION_KIND_P.values())
     while len(lesions) < count:
@@ -222,8 +225,9 @@ def _lesions(rng, u, v, a, masks, normal: bool) -> tuple[list[Lesion], np.ndarra
         box = layer_box(layer)
         if box is not None:
             lesions.append(Lesion(kind, box, round(visibility, 4)))
+            layers.append(layer)
             total += layer
-    return lesions, total
+    return lesions, total, layers
 
 
 def synthesize_case(rng: np.random.Generator, *, width: int, height: int, normal: bool,
@@ -232,9 +236,20 @@ def synthesize_case(rng: np.random.Generator, *, width: int, height: int, normal
     a = image_anatomy(rng, patient or patient_anatomy(rng))
     u, v = _grid(a, width, height)
     masks = _lungs(u, v, a)
-    lesions, layer = _lesions(rng, u, v, a, masks, normal)
+    lesions, layer, layers = _lesions(rng, u, v, a, masks, normal)
     markings = 0.02 * smooth_noise(rng, height=height, width=width, knots=28) * (masks[0] + masks[1])
     image = _anatomy_image(u, v, a, masks) + markings + layer + 0.03 * smooth_noise(rng, height=height, width=width)
     image = image + a["grain"] * rng.standard_normal(size=image.shape, dtype=np.float32)
     image = np.clip(image, 0.0, 1.0) ** a["gamma"]
-    return Case(image.astype(np.float32), lesions, layer.astype(np.float32), a)
+    return Case(image.astype(np.float32), lesions, layer.astype(np.float32), a, layers)
+
+
+MASK_CLASS_ID = OPACITY_ID
+"""The lesion kind the demo draws masks of: lung opacity (airspace disease, SIIM-COVID19's target)."""
+
+
+def lesion_masks(case: Case, class_id: int = MASK_CLASS_ID, rel: float = 0.1) -> list[np.ndarray]:
+    """One 0/1 mask per lesion of a kind: where its own layer exceeds ``rel`` of its peak -- the
+    rule :func:`layer_box` draws the box by, so a mask's bounding box is its lesion's box."""
+    return [(layer > rel * float(layer.max())).astype(np.uint8)
+            for lesion, layer in zip(case.lesions, case.layers) if lesion.class_id == class_id]

@@ -154,6 +154,7 @@ class ItemTable:
             "box_classes": list(self.box_classes),
             "boxes": int(len(self.boxes)),
             "box_labeled_images": int(self.items["box_labeled"].sum()),
+            "mask_labeled_images": int(self.items["mask_labeled"].sum()) if "mask_labeled" in self.items else 0,
             "quarantined": int(len(self.quarantine)),
         }
 
@@ -175,6 +176,9 @@ def load_table(directory: str | Path) -> ItemTable:
     items = read_table(directory / "items.csv")
     for col in ("has_study_label", "box_labeled"):
         items[col] = items[col].astype(bool)
+    if "mask_labeled" in items:  # datasets.masks: the optional mask columns
+        items["mask_labeled"] = items["mask_labeled"].astype(bool)
+        items[["mask_path", "mask_rle"]] = items[["mask_path", "mask_rle"]].fillna("").astype(str)
     boxes = read_table(directory / "boxes.csv")
     boxes[BOX_COLUMNS] = boxes[BOX_COLUMNS].astype("float32")
     return ItemTable(items=items, boxes=boxes, study_classes=tuple(meta["study_classes"]),

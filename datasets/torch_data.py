@@ -48,8 +48,9 @@ class ClassificationDataset(Dataset):
     index int; a DataLoader batch holds tensors of all four.
     """
 
-    def __init__(self, load: Callable[[str], np.ndarray], image_ids, targets, weights, transform, mean: float, std: float):
-        self.load = load
+    def __init__(self, load: Callable[[str], np.ndarray], image_ids, targets, weights, transform, mean: float, std: float,
+                 mask_of: Callable[[int], np.ndarray | None] | None = None):
+        self.load, self.mask_of = load, mask_of
         self.image_ids = [str(i) for i in image_ids]
         self.targets = np.asarray(targets, dtype=np.float32)
         n = len(self.image_ids)
@@ -77,11 +78,26 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.image_ids[index]
         image = check_image(self.load(image_id), image_id)
+        if self.mask_of is not None:
+            return self._with_mask(index, image)
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         # numpy scalars/rows rather than tiny tensors: default_collate batches them into tensors
         # for a third of the per-item cost (it shows at small image sizes)
         return {"image": to_tensor(image, self.mean, self.std), "target": self.targets[index], "weight": self.weights[index], "index": index}
+
+    def _with_mask(self, index: int, image: np.ndarray) -> dict:
+        """An item with an auxiliary mask target (``mask_of``): moved by the same transform; an
+        image without a mask gets zeros and ``mask_weight`` 0."""
+        mask = self.mask_of(index)
+        weight = np.float32(mask is not None)
+        mask = np.zeros(image.shape[:2], np.uint8) if mask is None else np.asarray(mask, np.uint8)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return {"image": to_tensor(image, self.mean, self.std), "target": self.targets[index],
+                "weight": self.weights[index], "index": index, "mask": mask[None].astype(np.float32),
+                "mask_weight": weight}
 
     def reseed(self, seed: int) -> None:
         """Seed the transform's own generator (albumentations 2 ignores numpy's global seed)."""

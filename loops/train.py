@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .config import TrainConfig
 from .predict import activate, predict_logits
+from .seg_loss import segmentation_loss
 from .trainer import Hook, Trainer, lr_factor
 
 LossKind = Literal["softmax", "bce"]
@@ -140,8 +141,18 @@ class ClassifierTrainer(Trainer):
         y = batch["target"].to(self.device, non_blocking=True)
         w = batch["weight"].to(self.device, non_blocking=True)
         with self.autocast():
+            if "mask" in batch and hasattr(self.model, "forward_aux"):
+                return self.aux_forward(x, y, w, batch), len(batch["image"])
             logits = self.model(x)
         return {"loss": weighted_loss(logits, y, w, kind=self.kind)}, len(batch["image"])
+
+    def aux_forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Class loss + the model's ``aux_weight`` x the mask loss of its auxiliary decoder head
+        (images without a mask have mask weight 0); prediction never uses that head."""
+        logits, mask_logits = self.model.forward_aux(x)
+        cls = weighted_loss(logits, y, w, kind=self.kind)
+        seg = segmentation_loss(mask_logits, batch["mask"].to(self.device), batch["mask_weight"].to(self.device))
+        return {"loss": cls + self.model.aux_weight * seg["loss"], "class_loss": cls, "mask_loss": seg["loss"]}
 
     def end_epoch(self) -> dict:
         """Validate, keep the best weights, decide early stopping, log one line."""

@@ -44,6 +44,12 @@ class ClassifierConfig:
     teacher's (train.epochs over the teacher's images). Noisy Student trains its students longer:
     pseudo labels add images, and a student that sees each of them less often than the teacher saw
     its labels stays undertrained (measured on the demo: at 1x the pseudo labels gave nothing)."""
+    aux_mask: Literal["off", "masks", "boxes"] = "off"
+    """Auxiliary mask loss (SIIM-COVID19): a light decoder head on the classifier's features trained
+    beside the class loss on the images' masks, or on masks drawn from their boxes; prediction uses
+    only the class head. off: none."""
+    aux_mask_weight: float = 0.5
+    """Weight of the auxiliary mask loss (BCE + dice) against the class loss."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -157,6 +163,73 @@ class DetectorConfig:
     """Processes for WBF fusion over images (0: in process)."""
 
 
+def _segmenter_train() -> TrainConfig:
+    return TrainConfig(epochs=30, batch_size=16, lr=3e-3, warmup_epochs=2.0)
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """The final classification -> segmentation cascade (SIIM-ACR): P(positive) gates the mask."""
+
+    mode: Literal["hard", "soft", "off"] = "hard"
+    """hard: below the threshold the image gets an empty mask; soft: mask probability x P(positive); off."""
+    threshold: float = 0.5
+    """hard mode: P(positive) below this empties the mask (tuned on OOF unless tune_on_oof is off)."""
+    tune_on_oof: bool = True
+    """Choose the gate threshold and the pixel threshold on OOF predictions for the best mean dice,
+    empty images included (an empty answer on an empty image scores 1)."""
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Masks (teacher_student.tasks.segmenter): smp models over timm encoders, pseudo masks, the cascade."""
+
+    ladder: tuple[str, ...] = ("Unet:tu-efficientnet_b0", "Unet:tu-efficientnet_b1", "Unet:tu-efficientnet_b2")
+    """segmentation_models_pytorch architecture and encoder per generation, 'Arch:encoder' (Unet, FPN,
+    UnetPlusPlus...; tu-<name> is any timm encoder). One input channel, encoder_weights None."""
+    decoder_channels: tuple[int, ...] = ()
+    """Unet / Unet++ decoder widths, one per encoder stage (empty: smp's 256, 128, 64, 32, 16); narrow
+    ones make tiny CPU models (the demo's 64, 32, 16, 16, 8 costs a third of the default's time)."""
+    drop_rate: tuple[float, ...] = (0.0, 0.1, 0.2)
+    """Dropout before the segmentation head, per generation (student noise)."""
+    drop_path_rate: tuple[float, ...] = (0.0, 0.1, 0.2)
+    """Stochastic depth of the timm encoder, per generation (student noise)."""
+    randaugment_n: tuple[int, ...] = (0, 2, 2)
+    """Mask-safe RandAugment ops per generation (0: light teacher augmentation)."""
+    randaugment_m: tuple[int, ...] = (0, 6, 9)
+    """Mask-safe RandAugment magnitude (0..30) per generation."""
+    hflip: bool = True
+    """Flip augmentation and flip TTA (flipped back before averaging). Off for lateralised masks."""
+    dice_weight: float = 1.0
+    """Loss = BCE + dice_weight x soft dice, per image."""
+    empty_weight: float = 1.0
+    """Loss weight of images whose (ground-truth or pseudo) mask is empty. SIIM-ACR's segmenters
+    trained mostly on positive images and left the empty ones to the classifier's gate: with few
+    small lesions, full-weight empty images teach a from-scratch model to draw nothing at all
+    (measured on the demo: 1.0 -> every mask empty; 0.1 -> dice 0.38 on the positive test images)."""
+    student_steps: float = 1.0
+    """As classifier.student_steps: optimizer steps of mask students and the ablation, as a multiple of the teacher's."""
+    train: TrainConfig = field(default_factory=_segmenter_train)
+    pixel_threshold: float = 0.0
+    """Probability from which a pixel is foreground; 0: chosen on OOF for the best mean dice."""
+    confidence: Literal["inside", "agreement"] = "inside"
+    """Image-level confidence of a pseudo mask: inside = mean probability inside the mask (1 - the
+    peak probability for an empty one); agreement = the fold models' mean pairwise dice."""
+    target_dice: float = 0.85
+    """Pseudo masks: the lowest confidence whose OOF images reach this mean dice (per-image) is the
+    threshold; images below it are not used."""
+    min_oof_support: int = 10
+    """Confidence thresholds read from fewer OOF images than this are weak evidence (flagged); with
+    no threshold reaching target_dice, the top fallback_k pool images are kept instead (flagged)."""
+    fallback_k: int = 0
+    """Pool images kept when no threshold reaches target_dice; 0: none."""
+    pseudo_mode: Literal["hard", "soft"] = "hard"
+    """hard: the student learns the pseudo mask thresholded at the pixel threshold; soft: the probabilities."""
+    pseudo_weight: float = 1.0
+    """Loss weight of pseudo-masked images relative to labeled ones."""
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+
+
 @dataclass(frozen=True)
 class GateConfig:
     mode: Literal["hard", "soft", "off"] = "hard"
@@ -173,10 +246,11 @@ class GateConfig:
 class RunConfig:
     cycles: int = field(default=3, metadata={"ge": 0})
     """Teacher -> student cycles after cycle 0."""
-    tasks: tuple[Literal["classifier", "detector"], ...] = field(default=("classifier", "detector"),
-                                                                 metadata={"min_len": 1})
+    tasks: tuple[Literal["classifier", "detector", "segmenter"], ...] = field(default=("classifier", "detector"),
+                                                                               metadata={"min_len": 1})
     """Task kinds the run trains, in order; the study classifier comes first (the detector's
-    negatives and the final gate read its P(abnormal)). A kind without labels in the data is skipped."""
+    negatives and the final gate read its P(abnormal)); a segmenter without a cascade may run
+    alone. A kind without labels in the data is skipped."""
     out: str = "runs/demo"
     """Run directory; rerunning into it resumes."""
     device: str = "auto"
@@ -215,6 +289,7 @@ class EngineConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -336,8 +411,10 @@ def check_config(cfg: EngineConfig) -> EngineConfig:
     """
     problems = []
     tasks = cfg.run.tasks
-    if tasks and tasks[0] != "classifier":
-        problems.append(f"run.tasks {list(tasks)}: must start with 'classifier' (the other kinds read its predictions)")
+    alone = tasks == ("segmenter",) and cfg.segmenter.cascade.mode == "off"
+    if tasks and tasks[0] != "classifier" and not alone:
+        problems.append(f"run.tasks {list(tasks)}: must start with 'classifier' (the other kinds read its "
+                        "predictions; only a segmenter with segmenter.cascade.mode off runs alone)")
     if len(set(tasks)) != len(tasks):
         problems.append(f"run.tasks {list(tasks)}: a task kind is listed twice")
     if cfg.gate.low > cfg.gate.high:

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from ..datasets.cache import ImageCache
+from ..datasets.mask_cache import MaskCache
 from ..datasets.config import PreprocessConfig, fingerprint
 from ..datasets.table import ItemTable
 from ..loops.stages import Stage
@@ -59,6 +60,10 @@ class RunContext:
     def loader(self, preprocess: PreprocessConfig | None = None) -> Loader:
         """Image loader of the preprocessing cache for these settings (the run's by default)."""
         return ImageCache(self.layout.cache, preprocess or self.cfg.preprocess).load
+
+    def mask_loader(self, size: int | None = None) -> Loader:
+        """0/1 mask loader of the mask cache at this size (the run's by default)."""
+        return MaskCache(self.layout.cache, size or self.cfg.preprocess.size).load
 
     @property
     def labeled_ids(self) -> list[str]:

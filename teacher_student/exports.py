@@ -35,6 +35,9 @@ Formats:
     pixels. Images with status ``uncertain`` have no annotation because the teacher was unsure,
     not because they are normal: train on the YOLO export (the student's own set), or filter by
     ``pseudo_status``.
+``masks``
+    The kept pseudo masks as PNGs, SIIM-ACR RLE and COCO with RLE segmentation
+    (``teacher_student.mask_exports``; a folder).
 ``submission``
     Copies of the final competition CSVs (``final/submission_raw.csv``, ``submission_gated.csv``).
 
@@ -59,7 +62,7 @@ from .layout import BOX_IMAGES, BOX_PSEUDO, BOX_PSEUDO_INFO, CLASS_PSEUDO, FOLDS
 from .report.run_reader import check_cycle, default_loader, load_run_config
 from .report.stats import label_strings
 
-FORMATS = ("csv", "yolo", "coco", "submission")
+FORMATS = ("csv", "yolo", "coco", "masks", "submission")
 CSV_COLUMNS = ["image_id", "origin", "kind", "label", "class_id", "score", "threshold", "rule", "model", "copies",
                "cycle", "source", "folds", "models", "n_models", *BOX_COLUMNS]
 PSEUDO, GROUND_TRUTH = "pseudo", "ground truth"
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cycle whose pseudo labels to export (>= 1; default: the last cycle run)")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="csv: pseudo-label table; yolo: dataset folder for ultralytics; coco: detection JSON; "
-                        "submission: the final competition CSVs")
+                        "masks: pseudo masks as PNG, RLE and COCO (a folder); submission: the final competition CSVs")
     p.add_argument("--dest", required=True, metavar="PATH",
                    help="output file (csv, coco: its PNGs go to <stem>_images/ beside it) or folder (yolo, "
                         "submission); replaced if it exists")
@@ -130,6 +133,10 @@ def export(run_dir: Path, cycle: int | None, fmt: str, dest: Path, *, include_la
     if cycle < 1:
         raise DataError(f"--cycle {cycle}: cycles are numbered from 1 (cycle 0 trains the first teachers only)")
     pseudo_dir = check_cycle(run_dir, cycle)
+    if fmt == "masks":
+        from .mask_exports import export_masks
+
+        return export_masks(run_dir, pseudo_dir, cycle, dest)
     table = load_table(layout.data)
     cfg, _ = load_run_config(run_dir)
     if fmt == "csv":

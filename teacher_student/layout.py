@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-CLASSIFIER, DETECTOR = "classifier", "detector"
+CLASSIFIER, DETECTOR, SEGMENTER = "classifier", "detector", "segmenter"
 """Task kinds' folder names under a generation."""
 
 PROB_PREFIX = "p:"
@@ -72,6 +72,19 @@ BOX_OOF_MATCHED = "box_oof_matched.csv"
 BOX_PSEUDO = "box_pseudo.csv"
 BOX_IMAGES = "box_images.csv"
 BOX_PSEUDO_INFO = "box_pseudo.json"
+OOF_MASKS = "oof_masks.npz"
+"""Segmenter OOF: image ids, folds, per-view probabilities (uint8); the truth is in the mask cache."""
+POOL_FOLD_MASKS = "pool_fold_masks.npz"
+"""Every fold model x view on every pool image (uint8, folds x views x images x H x W)."""
+POOL_MASKS = "pool_masks.npz"
+"""The ensemble's mask probabilities on the pool: the mean over folds x views (uint8)."""
+MASK_PSEUDO = "mask_pseudo.csv"
+MASK_PSEUDO_PROBS = "mask_pseudo.npz"
+MASK_PSEUDO_INFO = "mask_pseudo.json"
+CASCADE = "cascade.json"
+MASK_SUBMISSION = "mask_submission_{}.csv"
+MASK_PNGS = "masks_{}"
+"""Folders of final (or exported pseudo) masks as PNGs, at the source image's size."""
 GATE = "gate.json"
 CLASS_PREDICTIONS = "class_predictions.csv"
 BOX_PREDICTIONS = "box_predictions_{}.csv"
@@ -124,6 +137,11 @@ class RunLayout:
     @property
     def final(self) -> Path:
         return self.root / "final"
+
+    @property
+    def cascade(self) -> Path:
+        """The final classification -> segmentation cascade: gated masks, submissions, cascade.json."""
+        return self.root / "cascade"
 
     @property
     def summary(self) -> Path:
@@ -184,8 +202,10 @@ class RunLayout:
 
     def cycles_with_pseudo_labels(self) -> list[int]:
         """Cycles whose pseudo labels exist, in order."""
-        found = [int(m.group(1)) for p in self.root.glob(f"cycle*/pseudo/{CLASS_SELECTION}")
-                 if (m := re.fullmatch(r"cycle(\d+)", p.parent.parent.name))]
+        found: set[int] = set()
+        for name in (CLASS_SELECTION, MASK_PSEUDO):  # a run without a classifier has pseudo masks only
+            found |= {int(m.group(1)) for p in self.root.glob(f"cycle*/pseudo/{name}")
+                      if (m := re.fullmatch(r"cycle(\d+)", p.parent.parent.name))}
         return sorted(found)
 
     def is_run(self) -> bool:

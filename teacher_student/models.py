@@ -118,6 +118,36 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     )
 
 
+class AuxMaskClassifier(nn.Module):
+    """A timm classifier with a light auxiliary decoder head on its last feature map (the
+    SIIM-COVID19 winners' segmentation auxiliary loss): conv 3x3 + BN + ReLU + conv 1x1 to one mask
+    channel, upsampled bilinearly to the input. ``forward`` is the plain classifier (prediction,
+    validation, precise BN never see the head); ``forward_aux`` gives (class logits, mask logits)
+    for the training loss (``loops.train.ClassifierTrainer.aux_forward``). Only ``net`` is saved
+    (:func:`plain_classifier`): the checkpoint is an ordinary classifier's."""
+
+    def __init__(self, classifier: nn.Module, *, aux_weight: float, width: int = 32):
+        super().__init__()
+        self.net, self.aux_weight = classifier, float(aux_weight)
+        channels = classifier.num_features
+        self.mask_head = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                       nn.ReLU(inplace=True), nn.Conv2d(width, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.net.forward_features(x)
+        mask = nn.functional.interpolate(self.mask_head(features), size=x.shape[-2:], mode="bilinear",
+                                         align_corners=False)
+        return self.net.forward_head(features), mask
+
+
+def plain_classifier(model: nn.Module) -> nn.Module:
+    """The timm classifier inside an :class:`AuxMaskClassifier` (the model itself otherwise)."""
+    return model.net if isinstance(model, AuxMaskClassifier) else model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -33,6 +33,7 @@ def format_summary(summary: dict) -> str:
         ref = summary.get(key)
         if ref:
             lines.append(_row(tag, ref.get("classifier_model"), ref.get("detector_model"), ref, None) + f"  ({note})")
+    lines += mask_lines(summary, pseudo)
     lines += gain_lines(summary.get("gains") or {})
     gate = summary.get("gate")
     if gate:
@@ -51,10 +52,35 @@ def _row(tag: str, model, det_model, rec: dict, trained: tuple | None) -> str:
             f"{str(n_box if n_box is not None else '-'):>6} {_fmt(p_box, 2):>6}")
 
 
+def mask_lines(summary: dict, pseudo: dict) -> list[str]:
+    """Segmenter rows (runs with masks): mean per-image dice OOF and test, pseudo masks and their
+    dice against hidden truth, and the cascade."""
+    rows = [(str(g["generation"]), g) for g in summary.get("generations", []) if g.get("segmenter")]
+    rows += [(tag, summary[key]) for tag, key in (("abl", "ablation"), ("orc", "oracle"))
+             if (summary.get(key) or {}).get("segmenter")]
+    if not rows:
+        return []
+    head = f"{'gen':>4} {'segmenter':<28} {'dice oof':>8} {'dice test':>9} {'IoU test':>8} {'masks':>6} {'mdice':>6}"
+    out = ["", head, "-" * len(head)]
+    for tag, g in rows:
+        s, p = g["segmenter"], pseudo.get(g.get("generation"), {}) if tag.isdigit() else {}
+        n, prec = dig(p, "segmenter", "students", "total"), dig(p, "segmenter", "students", "precision")
+        out.append(f"{tag:>4} {str(g.get('segmenter_model') or ''):<28} {_fmt(dig(s, 'oof', 'dice')):>8} "
+                   f"{_fmt(dig(s, 'test', 'dice')):>9} {_fmt(dig(s, 'test', 'iou')):>8} "
+                   f"{str(n if n is not None else '-'):>6} {_fmt(prec, 2):>6}")
+    cascade = summary.get("cascade")
+    if cascade:
+        out.append(f"cascade ({cascade.get('mode')}, P(positive) >= {_fmt(cascade.get('threshold'), 2)}, pixel "
+                   f"{_fmt(cascade.get('pixel_threshold'), 2)}): test dice {_fmt(dig(cascade, 'test', 'ungated'))} -> "
+                   f"{_fmt(dig(cascade, 'test', 'gated'))}")
+    return out
+
+
 def gain_lines(gains: dict) -> list[str]:
     """The last student against its baselines on the held-out test part, one line per metric."""
     out = []
-    for key, label in (("classifier_auc", "classifier AUC"), ("detector_map", "detector mAP")):
+    for key, label in (("classifier_auc", "classifier AUC"), ("detector_map", "detector mAP"),
+                       ("segmenter_dice", "segmenter dice")):
         g = gains.get(key)
         if not g:
             continue

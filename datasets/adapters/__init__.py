@@ -30,6 +30,8 @@ from ..errors import DataError
 from ..table import ItemTable, Quarantine
 from .common import resolved_root
 from .generic import load_generic
+from ..masks import DEMO_MASKS, DEMO_TRUTH_MASKS
+from .masks import attach_masks, no_masks
 from .siim import load_siim
 from .vinbigdata import load_vinbigdata, training_boxes
 
@@ -62,13 +64,23 @@ def load_dataset(cfg: DataConfig) -> ItemTable:
     elif cfg.format == "generic":
         if not cfg.images_csv:
             raise DataError("data.images_csv: the generic format needs an images CSV (image_id, path, ...)")
-        return load_generic(root, cfg.images_csv, cfg.labels_csv or None, study_label_column=cfg.study_label_column,
-                            study_classes=cfg.study_classes, normal_class=cfg.normal_class,
-                            box_classes=cfg.box_classes, quarantine=q)
+        table = load_generic(root, cfg.images_csv, cfg.labels_csv or None, study_label_column=cfg.study_label_column,
+                             study_classes=cfg.study_classes, normal_class=cfg.normal_class,
+                             box_classes=cfg.box_classes, quarantine=q)
+        return with_masks(cfg, table, root, q, DEMO_MASKS)
     else:
         raise DataError(f"data.format: unknown format {cfg.format!r}")
     _check_fixed_classes(cfg, table)
-    return table
+    return with_masks(cfg, table, root, q, DEMO_MASKS)
+
+
+def with_masks(cfg: DataConfig, table: ItemTable, root, q: Quarantine, demo_csv: str) -> ItemTable:
+    """The table with its mask columns (``datasets.masks``): from data.masks_csv, the demo's own
+    mask file, or empty ones."""
+    name = cfg.masks_csv or (demo_csv if cfg.format == "demo" and (root / demo_csv).is_file() else "")
+    if not name:
+        return table.replace(items=no_masks(table.items))
+    return attach_masks(table, root, name, q, relative_rle=cfg.mask_rle == "relative")
 
 
 def _check_fixed_classes(cfg: DataConfig, table: ItemTable) -> None:
@@ -96,7 +108,10 @@ def load_hidden_truth(cfg: DataConfig) -> ItemTable | None:
         return table.replace(items=table.items.assign(role="unlabeled"))
     if cfg.format not in ("demo", "vinbigdata") or not (root / "unlabeled_truth.csv").is_file():
         return None
+    q = Quarantine(cfg.on_bad_input)
     table = load_vinbigdata(root, train_csv="unlabeled_truth.csv", image_dir="test", unlabeled_dir=None,
-                            fuse=cfg.fuse_radiologists, iou_thr=cfg.radiologist_iou_thr,
-                            quarantine=Quarantine(cfg.on_bad_input))
-    return table.replace(items=table.items.assign(role="unlabeled"))
+                            fuse=cfg.fuse_radiologists, iou_thr=cfg.radiologist_iou_thr, quarantine=q)
+    table = table.replace(items=table.items.assign(role="unlabeled"))
+    if cfg.format == "demo" and (root / DEMO_TRUTH_MASKS).is_file():
+        return attach_masks(table, root, DEMO_TRUTH_MASKS, q)
+    return table.replace(items=no_masks(table.items))

@@ -19,6 +19,7 @@ from ...datasets.atomic import atomic_path, read_json, read_table, write_json, w
 from ...datasets.cache import ImageCache
 from ...datasets.config import config_to_dict
 from ...datasets.errors import ConfigError, DataError
+from ...datasets.mask_cache import MaskCache
 from ...datasets.folds import assign_folds, check_no_leak, hold_out_groups
 from ...datasets.table import ItemTable, Quarantine, format_problem, load_table, save_table
 from ...loops.device import resolve_device
@@ -105,7 +106,9 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
         Quarantine("error").reject(bad["path"], None, bad["image_id"], bad["problem"])
     table = drop_unreadable(table, failures)
     check_enough_left(table)
-    check_study_labels(table)
+    if "classifier" in cfg.run.tasks:
+        check_study_labels(table)
+    table = cache_masks(cfg, layout, table)
     if cfg.data.test_fraction > 0:
         table = hold_out_test(cfg, table, cache.hashes())
     fa = assign_folds(table.items, cache.hashes(), k=cfg.folds.k, seed=cfg.folds.seed,
@@ -117,7 +120,7 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     write_json(stage_dir / FOLD_REPORT, fa.report)
     truth = load_hidden_truth(cfg.data) if cfg.data.hidden_truth else None
     if truth is not None:
-        save_table(stage_dir / layout.truth.name, truth)
+        save_table(stage_dir / layout.truth.name, cache_masks(cfg, layout, truth))
     return {"table": table.summary(), "quarantined": int(len(table.quarantine)), "folds": fa.report}
 
 
@@ -173,7 +176,8 @@ def report_test_duplicates(report: dict, policy: str) -> None:
 def hold_out_test(cfg: EngineConfig, table: ItemTable, hashes: pd.DataFrame) -> ItemTable:
     """Move a patient-grouped part of the labeled images to the test role (data.test_fraction)."""
     labeled = table.with_role("labeled")
-    candidates = labeled["box_labeled"] if cfg.data.test_from == "box_labeled" else pd.Series(True, index=labeled.index)
+    flag = cfg.data.test_from
+    candidates = labeled[flag] if flag in ("box_labeled", "mask_labeled") else pd.Series(True, index=labeled.index)
     held = set(hold_out_groups(labeled, hashes, candidates.to_numpy(), fraction=cfg.data.test_fraction,
                                seed=cfg.folds.seed, phash_max_distance=cfg.folds.phash_max_distance))
     items = table.items.copy()
@@ -181,6 +185,24 @@ def hold_out_test(cfg: EngineConfig, table: ItemTable, hashes: pd.DataFrame) -> 
     log.info("data.test_fraction %.2f: %d labeled images (whole patient/duplicate groups) held out as test",
              cfg.data.test_fraction, len(held))
     return table.replace(items=items)
+
+
+def cache_masks(cfg: EngineConfig, layout: RunLayout, table: ItemTable) -> ItemTable:
+    """Build the mask cache at the run's size; a mask that fails now (changed since it was checked)
+    is quarantined and its image is no longer mask-labeled."""
+    if "mask_labeled" not in table.items or not table.items["mask_labeled"].any():
+        return table
+    failures = MaskCache(layout.cache, cfg.preprocess.size).build(table.items)
+    if failures.empty:
+        return table
+    if cfg.data.on_bad_input == "error":
+        bad = failures.iloc[0]
+        Quarantine("error").reject(bad["path"], None, bad["image_id"], bad["problem"])
+    items = table.items.copy()
+    items.loc[items["image_id"].isin(set(failures["image_id"])), "mask_labeled"] = False
+    rows = pd.DataFrame({"file": failures["path"], "row": None, "image_id": failures["image_id"],
+                         "problem": failures["problem"]})
+    return table.replace(items=items, quarantine=pd.concat([table.quarantine, rows], ignore_index=True))
 
 
 def drop_unreadable(table: ItemTable, failures: pd.DataFrame) -> ItemTable:

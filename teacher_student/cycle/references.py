@@ -18,12 +18,13 @@ from ...datasets.adapters import training_boxes
 from ...datasets.table import ItemTable
 from ..context import RunContext
 from ..summary import dig
-from ..tasks.classifier import ClassifierTask
-from ..tasks.detector import DetectorTask
 from .generation import train_generation
 
 ORACLE, ABLATION = "oracle", "ablation"
-GAINS = (("classifier_auc", ("classifier", "test", "auc_macro")), ("detector_map", ("detector", "test", "map")))
+GAINS = (("classifier_auc", ("classifier", "test", "auc_macro")), ("detector_map", ("detector", "test", "map")),
+         ("segmenter_dice", ("segmenter", "test", "dice")))
+LABEL_FLAG = {"classifier": "has_study_label", "detector": "box_labeled", "segmenter": "mask_labeled"}
+"""The item column saying an image holds ground truth for a task kind."""
 
 
 def truth_table(ctx: RunContext) -> ItemTable:
@@ -31,9 +32,10 @@ def truth_table(ctx: RunContext) -> ItemTable:
     truth_items = ctx.truth.items.set_index("image_id")
     items = ctx.table.items.copy()
     pool = items["role"].eq("unlabeled") & items["image_id"].isin(truth_items.index)
-    cols = [*ctx.table.label_columns, "has_study_label", "box_labeled"]
+    flags = [f for f in LABEL_FLAG.values() if f in items and f in truth_items]
+    cols = [*ctx.table.label_columns, *flags, *(c for c in ("mask_path", "mask_rle") if c in items and c in truth_items)]
     items.loc[pool, cols] = truth_items.loc[items.loc[pool, "image_id"], cols].to_numpy()
-    items[["has_study_label", "box_labeled"]] = items[["has_study_label", "box_labeled"]].astype(bool)
+    items[flags] = items[flags].astype(bool)
     truth_boxes = training_boxes(ctx.truth)
     boxes = pd.concat([ctx.table.boxes, truth_boxes[truth_boxes["image_id"].isin(set(items.loc[pool, "image_id"]))]],
                       ignore_index=True)
@@ -62,7 +64,7 @@ def oracle(ctx: RunContext, tasks: list, gen: int) -> dict | None:
     out: dict = {"generation": gen, "steps_factor": run.oracle_steps, "patience": run.oracle_patience}
     for task in tasks:
         reference = type(task)(ctx, table)
-        flag = "has_study_label" if task.name == ClassifierTask.name else "box_labeled"
+        flag = LABEL_FLAG[task.name]
         extra = tuple(table.items.loc[pool & table.items[flag], "image_id"])
         pred = train_generation(ctx, reference, gen, None, None, task_dir=ctx.layout.reference(ORACLE, task.name),
                                 extra_ids=extra, steps_factor=run.oracle_steps, patience=run.oracle_patience)

@@ -16,10 +16,11 @@ from ...datasets.config import config_to_dict
 from ...loops.stages import file_digest, hold_lock
 from ..config import EngineConfig, ladder_value
 from ..context import RunContext
-from ..layout import CLASSIFIER, DETECTOR, RunLayout
+from ..layout import CLASSIFIER, DETECTOR, SEGMENTER, RunLayout
 from ..tasks.base import Task
 from ..tasks.registry import TASK_KINDS
 from .data_stage import claim_run_folder, prepare
+from .cascade import cascade_stage
 from .final_stage import final_stage
 from .generation import train_generation
 from .references import ablation, gains, oracle
@@ -57,14 +58,18 @@ def _run_cycles(cfg: EngineConfig) -> dict:
         cycles.append({"cycle": cycle, "pseudo": rec["result"], "teacher": gens[cycle - 1]["generation"],
                        "student": cycle})
     det = detector
-    payload = {"cls": file_digest(preds[CLASSIFIER]), "det": file_digest(preds[DETECTOR]) if det else None,
-               "gate": config_to_dict(cfg.gate)}
-    final = ctx.stage(ctx.layout.final, payload,
-                      lambda d: final_stage(ctx, det, preds[CLASSIFIER], preds.get(DETECTOR), d))
+    final = {"result": None}
+    if CLASSIFIER in preds:
+        payload = {"cls": file_digest(preds[CLASSIFIER]), "det": file_digest(preds[DETECTOR]) if det else None,
+                   "gate": config_to_dict(cfg.gate)}
+        final = ctx.stage(ctx.layout.final, payload,
+                          lambda d: final_stage(ctx, det, preds[CLASSIFIER], preds.get(DETECTOR), d))
+    masks = next((t for t in tasks if t.name == SEGMENTER), None)
+    cascade = cascade_stage(ctx, masks, preds) if masks else None
     last = cfg.run.cycles
     ablation_rec, oracle_rec = ablation(ctx, tasks, last), oracle(ctx, tasks, last)
     summary = {"generations": gens, "cycles": cycles, "ablation": ablation_rec, "oracle": oracle_rec,
-               "gains": gains(gens, ablation_rec, oracle_rec),
+               "gains": gains(gens, ablation_rec, oracle_rec), "cascade": cascade,
                "gate": final["result"] or None, "data": read_json(ctx.layout.marker(ctx.layout.data))["result"],
                "stages": [{k: r[k] for k in ("path", "seconds", "skipped")} for r in ctx.records],
                "wall_seconds": round(time.perf_counter() - started, 1)}
@@ -78,8 +83,8 @@ def generation_record(ctx: RunContext, tasks: list[Task], gen: int, preds: dict[
     cycle written while the run goes on reads them there (summary.json comes only at the end)."""
     rec = {"generation": gen, "model": ladder_value(ctx.cfg.classifier.ladder, gen)}
     for task in tasks:
-        if task.name == DETECTOR:
-            rec["detector_model"] = task.model_name(gen)
+        if task.name in (DETECTOR, SEGMENTER):
+            rec[f"{task.name}_model"] = task.model_name(gen)
         rec[task.name] = task.score(preds[task.name])
     write_json(ctx.layout.metrics(gen), rec)
     return rec
@@ -91,11 +96,15 @@ def write_reports(ctx: RunContext, cycles: list[int], note: str | None = None) -
     in. A report that fails is logged, not fatal: the run's results are on disk and a report can
     be rebuilt from them."""
     from ..report import write_cycle_report, write_index
+    from ..report.masks import write_mask_report
 
     load = ctx.loader()
     for cycle in cycles:
         try:
-            path = write_cycle_report(ctx.layout.root, cycle, load=load, status=note)
+            if CLASSIFIER in ctx.cfg.run.tasks:
+                path = write_cycle_report(ctx.layout.root, cycle, load=load, status=note)
+            else:
+                path = write_mask_report(ctx.layout.root, cycle, load=load)
             log.info("report %s", path)
         except Exception as err:  # noqa: BLE001 - reports must never lose a finished run
             log.error("cycle %d report failed: %s: %s", cycle, type(err).__name__, err)

@@ -7,16 +7,18 @@ from pathlib import Path
 from ...datasets.config import config_to_dict
 from ...loops.stages import file_digest
 from ..context import RunContext
-from ..layout import CLASSIFIER, DETECTOR
+from ..layout import CLASSIFIER, DETECTOR, SEGMENTER
 from ..tasks.base import Task
 
 
 def select_stage(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], cycle: int) -> dict:
     """Run (or reuse) ``cycle<c>/pseudo``; return its record (``result``: per task, its selection info)."""
     cfg = ctx.cfg
-    payload = {"teacher": file_digest(teachers[CLASSIFIER]),
+    payload = {"teacher": file_digest(teachers[CLASSIFIER]) if CLASSIFIER in teachers else None,
                "detector": file_digest(teachers[DETECTOR]) if DETECTOR in teachers else None,
                "pseudo": config_to_dict(cfg.pseudo), "det": config_to_dict(cfg.detector), "seed": cfg.run.seed}
+    if SEGMENTER in teachers:  # keyed only when present, so runs without masks keep their fingerprints
+        payload["segmenter"] = [file_digest(teachers[SEGMENTER]), config_to_dict(cfg.segmenter)]
 
     def select(out_dir: Path) -> dict:
         return {task.name: task.select(teachers, out_dir, cycle) for task in tasks}

@@ -22,6 +22,7 @@ from .drift import drift_section
 from .figures import Thumbs
 from .grids import grids_section
 from .headline import headline_section
+from .masks import has_masks, mask_section
 from .html import Report, clean_json, esc, fmt, html_table, page
 from .run_reader import CycleData, Loader, default_loader, optional_json, read_cycle
 from .sections import (agreement_section, calibration_section, confidence_section, label_issue_section, pool_spread,
@@ -56,6 +57,8 @@ def build_report(d: CycleData, load: Loader | None, load_problem: str | None, ta
     grids_section(d, r, thumbs, spread)
     label_issue_section(d, r, thumbs)
     quality_section(d, r, box_truth)
+    if has_masks(d.run_dir, d.cycle):
+        mask_section(d.run_dir, d.cycle, r, load)
     return r
 
 

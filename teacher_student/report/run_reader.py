@@ -20,8 +20,8 @@ from ...datasets.errors import ConfigError, DataError
 from ...datasets.table import ItemTable, load_table
 from ..config import EngineConfig, load_config
 from ..layout import (BOX_IMAGES, BOX_OOF_MATCHED, BOX_PSEUDO, BOX_PSEUDO_INFO, CLASS_PSEUDO, CLASS_PSEUDO_INFO,
-                      CLASS_SELECTION, CLASSIFIER, DETECTOR, FOLDS, OOF, POOL, POOL_FOLDS, POOL_FUSED, TABLE_META,
-                      RunLayout, pseudo_fold_dir)
+                      CLASS_SELECTION, CLASSIFIER, DETECTOR, FOLDS, MASK_PSEUDO, OOF, POOL, POOL_FOLDS, POOL_FUSED,
+                      TABLE_META, RunLayout, pseudo_fold_dir)
 from ..pseudo import LabelMode
 
 Loader = Callable[[str], np.ndarray]
@@ -80,7 +80,7 @@ def check_cycle(run_dir: Path, cycle: int) -> Path:
     if not layout.is_run():
         raise DataError(f"{run_dir}: not a run directory (no data/table.json); give the --out of a run")
     pseudo_dir = layout.pseudo(cycle)
-    if not (pseudo_dir / CLASS_SELECTION).exists():
+    if not (pseudo_dir / CLASS_SELECTION).exists() and not (pseudo_dir / MASK_PSEUDO).exists():
         done = layout.cycles_with_pseudo_labels()
         raise DataError(f"{pseudo_dir}: cycle {cycle} has not made pseudo labels yet "
                         f"(cycles run: {', '.join(map(str, done)) or 'none'})")

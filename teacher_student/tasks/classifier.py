@@ -34,7 +34,8 @@ from ..evaluation import class_truth_precision, class_truth_precision_per_class
 from ..fusion import MODEL_SEPARATOR
 from ..layout import (CHECKPOINT, CLASS_PSEUDO, CLASS_PSEUDO_INFO, CLASS_SELECTION, CLASSIFIER, HISTORY, LABELED_FOLDS,
                       OOF, POOL, POOL_FOLDS, fold_of_model, prob_columns, pseudo_fold_dir)
-from ..models import create_classifier, load_classifier
+from ..models import AuxMaskClassifier, create_classifier, load_classifier, plain_classifier
+from .aux_masks import aux_masks
 from .base import (Task, assert_fold_lineage, fold_seed, of_fold, seed_everything, student_totals,
                    warn_starving)
 
@@ -177,7 +178,9 @@ class ClassifierTask(Task):
         transform = student_transform(pp.size, n, m) if n > 0 else teacher_transform(pp.size)
         load = self.ctx.loader()
         train_ds = ClassificationDataset(load, training.image_ids, training.targets, training.weights, transform,
-                                         pp.mean, pp.std)
+                                         pp.mean, pp.std, mask_of=aux_masks(self.ctx, self.table, training.image_ids))
+        if cfg.classifier.aux_mask != "off":
+            model = AuxMaskClassifier(model, aux_weight=cfg.classifier.aux_mask_weight)
         val_ds = ClassificationDataset(load, list(plan.val_ids), self.table.study_targets(plan.val_ids), None, None,
                                        pp.mean, pp.std)
         train = cfg.classifier.train
@@ -200,7 +203,7 @@ class ClassifierTask(Task):
             "label_mode": self.table.label_mode, "generation": gen, "fold": plan.fold, "randaugment": [n, m],
             "epochs": plan.epochs, "config": config_to_dict(cfg),
         }
-        save_checkpoint(out_dir / CHECKPOINT, model, meta)
+        save_checkpoint(out_dir / CHECKPOINT, plain_classifier(model), meta)
         write_json(out_dir / HISTORY, {"history": result.history, "best_metric": result.best_metric,
                                        "epochs_run": result.epochs_run})
         return {"best_metric": result.best_metric, "epochs_run": result.epochs_run, "model": name,

@@ -4,5 +4,7 @@ from __future__ import annotations
 from .base import Task
 from .classifier import ClassifierTask
 from .detector import DetectorTask
+from .segmenter import SegmenterTask
 
-TASK_KINDS: dict[str, type[Task]] = {ClassifierTask.name: ClassifierTask, DetectorTask.name: DetectorTask}
+TASK_KINDS: dict[str, type[Task]] = {ClassifierTask.name: ClassifierTask, DetectorTask.name: DetectorTask,
+                                     SegmenterTask.name: SegmenterTask}
