@@ -4,12 +4,16 @@ several seeds, every model scored on the held-out test part.
     python bench/bench_gain.py                         # the demo, seeds 0 1 2, --cycles 3
     python bench/bench_gain.py --seeds 0 1 2 3 4 --cycles 2
     python bench/bench_gain.py --config teacher_student/presets/cxr_covid.yaml --data ../shared/data/cxr-covid-ieee8023
+    python bench/bench_gain.py --set run.tasks=classifier,grader --set detector.enabled=false   # the grading demo
+    python bench/bench_gain.py --config teacher_student/presets/cxr_covid_grading.yaml --data ../shared/data/cxr-covid-ieee8023
 
 For each seed (the demo's data seed and the run seed) it runs ``run_cycle.py`` in a subprocess into
 its own run folder (rerunning resumes), then prints per seed and as mean +/- sd over seeds: the
 cycle-0 teacher, every student, the ablation (the last student's recipe on labeled data only) and
-the oracle (the same recipe on every label, trained longer) -- classifier test AUC and detector
-test mAP -- the pseudo labels the students trained on per class with their precision against the
+the oracle (the same recipe on every label, trained longer) -- classifier test AUC, detector
+test mAP, grader QWK on the test part and out of fold (OOF QWK is what data without a test part,
+such as the shared set's 61 graded images, can be compared on: every student fold learns only from
+the teacher fold that never saw its labels, so it is honest) -- the pseudo labels the students trained on per class with their precision against the
 pool's hidden truth, and the paired differences student - ablation and student - teacher with the
 number of seeds in which they are positive. Everything also goes to ``<out>/bench_gain.json``.
 """
@@ -24,7 +28,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = (("classifier", ("classifier", "test", "auc_macro"), "AUC"), ("detector", ("detector", "test", "map"), "mAP"))
+METRICS = (("classifier", ("classifier", "test", "auc_macro"), "test AUC", "classifier_auc"),
+           ("detector", ("detector", "test", "map"), "test mAP", "detector_map"),
+           ("grader", ("grader", "test", "qwk"), "test QWK", "grader_qwk"),
+           ("grader_oof", ("grader", "oof", "qwk"), "OOF QWK", None))
+"""(key, path in a generation record, what is printed, the summary's gains key)."""
 
 
 def dig(d, *keys):
@@ -44,6 +52,8 @@ def run_seed(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
         cmd += ["--set", f"data.demo_seed={seed}", "--set", f"data.root={out / 'demo_data'}"]
     if args.cycles is not None:
         cmd += ["--cycles", str(args.cycles)]
+    if args.vary_folds:  # small data: the fold split is a large part of the spread
+        cmd += ["--set", f"folds.seed={seed}"]
     started = time.perf_counter()
     result = subprocess.run(cmd + extra, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
@@ -59,17 +69,17 @@ def seed_row(seed: int, summary: dict) -> dict:
     models = {f"gen{g['generation']}": g for g in gens}
     models.update({"ablation": summary.get("ablation") or {}, "oracle": summary.get("oracle") or {}})
     row = {"seed": seed, "wall_s": summary.get("wall_seconds"), "scores": {}, "pseudo": [], "diff": {}}
-    for task, path, _ in METRICS:
+    for task, path, _, gain in METRICS:
         row["scores"][task] = {name: dig(rec, *path) for name, rec in models.items()}
         last, teacher, ablation = (dig(gens[-1], *path), dig(gens[0], *path), dig(summary.get("ablation"), *path))
         row["diff"][task] = {"student_minus_ablation": None if None in (last, ablation) else last - ablation,
                              "student_minus_teacher": None if None in (last, teacher) else last - teacher}
-        row["diff"][task]["gap_closed"] = dig(summary, "gains", f"{task}_{'auc' if task == 'classifier' else 'map'}",
-                                              "gap_closed")
+        row["diff"][task]["gap_closed"] = dig(summary, "gains", gain, "gap_closed") if gain else None
     for cycle in summary.get("cycles", []):
         p = cycle.get("pseudo", {})
         row["pseudo"].append({"cycle": cycle["cycle"],
-                              "classifier": dig(p, "classifier", "students"), "detector": dig(p, "detector", "students")})
+                              "classifier": dig(p, "classifier", "students"), "detector": dig(p, "detector", "students"),
+                              "grader": dig(p, "grader", "students")})
     return row
 
 
@@ -83,10 +93,10 @@ def mean_sd(values: list) -> str:
 
 def print_report(rows: list[dict]) -> None:
     names = list(rows[0]["scores"]["classifier"])
-    for task, _, metric in METRICS:
+    for task, _, metric, _ in METRICS:
         if all(v is None for r in rows for v in r["scores"][task].values()):
             continue
-        print(f"\n{task} test {metric}")
+        print(f"\n{task.split('_')[0]} {metric}")
         print(f"  {'seed':<8}" + "".join(f"{n:>10}" for n in names) + f"{'st-abl':>10}{'st-tch':>10}")
         for r in rows:
             s, d = r["scores"][task], r["diff"][task]
@@ -108,6 +118,9 @@ def print_report(rows: list[dict]) -> None:
                   f"{_f(cls.get('precision'))}; boxes {det.get('per_class')} prec {_f(det.get('precision'))}"
                   + (f"; starving {sorted({**cls.get('starving', {}), **det.get('starving', {})})}"
                      if cls.get("starving") or det.get("starving") else ""))
+            if c.get("grader"):
+                print(f"  seed {r['seed']} cycle {c['cycle']}: grades {c['grader'].get('kept_per_grade')} exact vs "
+                      f"truth {_f(c['grader'].get('precision'))}")
     print("\nwall seconds per seed: " + ", ".join(f"{r['seed']}: {r['wall_s']}" for r in rows))
 
 
@@ -123,6 +136,7 @@ def main() -> int:
     parser.add_argument("--config", help="YAML config (default: the demo preset)")
     parser.add_argument("--data", help="data root (default: the demo, generated per seed)")
     parser.add_argument("--cycles", type=int)
+    parser.add_argument("--vary-folds", action="store_true", help="also set folds.seed to the seed (a new split per seed)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_gain"))
     args, extra = parser.parse_known_args()
     rows = [seed_row(seed, run_seed(args, seed, extra)) for seed in args.seeds]

@@ -33,6 +33,7 @@ def format_summary(summary: dict) -> str:
         ref = summary.get(key)
         if ref:
             lines.append(_row(tag, ref.get("classifier_model"), ref.get("detector_model"), ref, None) + f"  ({note})")
+    lines += grader_lines(summary)
     lines += gain_lines(summary.get("gains") or {})
     gate = summary.get("gate")
     if gate:
@@ -51,10 +52,29 @@ def _row(tag: str, model, det_model, rec: dict, trained: tuple | None) -> str:
             f"{str(n_box if n_box is not None else '-'):>6} {_fmt(p_box, 2):>6}")
 
 
+def grader_lines(summary: dict) -> list[str]:
+    """The ordinal grader, when the run has one: QWK OOF and test per generation and reference,
+    and the pseudo grades the students trained on (exact agreement with hidden truth)."""
+    gens = [g for g in summary.get("generations", []) if g.get("grader")]
+    if not gens:
+        return []
+    pseudo = {c["cycle"]: dig(c, "pseudo", "grader", "students") or {} for c in summary.get("cycles", [])}
+    lines = [f"{'grader':>10} {'model':<18} {'QWK oof':>8} {'QWK test':>8} {'pseudo':>7} {'prec':>6}"]
+    rows = [(f"gen {g['generation']}", g.get("grader_model"), g, pseudo.get(g["generation"], {})) for g in gens]
+    rows += [(tag, (summary.get(key) or {}).get("grader_model"), summary.get(key), {})
+             for tag, key in (("ablation", "ablation"), ("oracle", "oracle")) if dig(summary, key, "grader")]
+    for tag, model, rec, p in rows:
+        lines.append(f"{tag:>10} {str(model or ''):<18} {_fmt(dig(rec, 'grader', 'oof', 'qwk')):>8} "
+                     f"{_fmt(dig(rec, 'grader', 'test', 'qwk')):>8} {str(p.get('total', '-')):>7} "
+                     f"{_fmt(p.get('precision'), 2):>6}")
+    return lines
+
+
 def gain_lines(gains: dict) -> list[str]:
     """The last student against its baselines on the held-out test part, one line per metric."""
     out = []
-    for key, label in (("classifier_auc", "classifier AUC"), ("detector_map", "detector mAP")):
+    for key, label in (("classifier_auc", "classifier AUC"), ("detector_map", "detector mAP"),
+                       ("grader_qwk", "grader QWK")):
         g = gains.get(key)
         if not g:
             continue

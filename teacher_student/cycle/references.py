@@ -15,6 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ...datasets.adapters import training_boxes
+from ...datasets.grades import GRADE
 from ...datasets.table import ItemTable
 from ..context import RunContext
 from ..summary import dig
@@ -23,7 +24,10 @@ from ..tasks.detector import DetectorTask
 from .generation import train_generation
 
 ORACLE, ABLATION = "oracle", "ablation"
-GAINS = (("classifier_auc", ("classifier", "test", "auc_macro")), ("detector_map", ("detector", "test", "map")))
+GAINS = (("classifier_auc", ("classifier", "test", "auc_macro")), ("detector_map", ("detector", "test", "map")),
+         ("grader_qwk", ("grader", "test", "qwk")))
+KNOWN_FLAG = {ClassifierTask.name: "has_study_label", DetectorTask.name: "box_labeled"}
+"""The item-table flag saying an image has a task's label (the grader's: a known grade)."""
 
 
 def truth_table(ctx: RunContext) -> ItemTable:
@@ -32,6 +36,7 @@ def truth_table(ctx: RunContext) -> ItemTable:
     items = ctx.table.items.copy()
     pool = items["role"].eq("unlabeled") & items["image_id"].isin(truth_items.index)
     cols = [*ctx.table.label_columns, "has_study_label", "box_labeled"]
+    cols += [GRADE] if GRADE in items and GRADE in truth_items else []
     items.loc[pool, cols] = truth_items.loc[items.loc[pool, "image_id"], cols].to_numpy()
     items[["has_study_label", "box_labeled"]] = items[["has_study_label", "box_labeled"]].astype(bool)
     truth_boxes = training_boxes(ctx.truth)
@@ -62,8 +67,8 @@ def oracle(ctx: RunContext, tasks: list, gen: int) -> dict | None:
     out: dict = {"generation": gen, "steps_factor": run.oracle_steps, "patience": run.oracle_patience}
     for task in tasks:
         reference = type(task)(ctx, table)
-        flag = "has_study_label" if task.name == ClassifierTask.name else "box_labeled"
-        extra = tuple(table.items.loc[pool & table.items[flag], "image_id"])
+        known = table.items[GRADE].notna() if task.name not in KNOWN_FLAG else table.items[KNOWN_FLAG[task.name]]
+        extra = tuple(table.items.loc[pool & known, "image_id"])
         pred = train_generation(ctx, reference, gen, None, None, task_dir=ctx.layout.reference(ORACLE, task.name),
                                 extra_ids=extra, steps_factor=run.oracle_steps, patience=run.oracle_patience)
         out[task.name] = reference.score(pred)

@@ -63,8 +63,8 @@ def run_cycles(cfg: EngineConfig) -> dict:
 def generation_record(ctx: RunContext, tasks: list[Task], gen: int, preds: dict[str, Path]) -> dict:
     rec = {"generation": gen, "model": ladder_value(ctx.cfg.classifier.ladder, gen)}
     for task in tasks:
-        if task.name == DETECTOR:
-            rec["detector_model"] = task.model_name(gen)
+        if task.name != CLASSIFIER:
+            rec[f"{task.name}_model"] = task.model_name(gen)
         rec[task.name] = task.score(preds[task.name])
     return rec
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from ...datasets.config import config_to_dict
 from ...loops.stages import file_digest
 from ..context import RunContext
-from ..layout import CLASSIFIER, DETECTOR
+from ..layout import CLASSIFIER, DETECTOR, GRADER
 from ..tasks.base import Task
 
 
@@ -17,6 +17,8 @@ def select_stage(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], 
     payload = {"teacher": file_digest(teachers[CLASSIFIER]),
                "detector": file_digest(teachers[DETECTOR]) if DETECTOR in teachers else None,
                "pseudo": config_to_dict(cfg.pseudo), "det": config_to_dict(cfg.detector), "seed": cfg.run.seed}
+    if GRADER in teachers:  # only then, so runs without a grader keep their fingerprints
+        payload[GRADER] = {"teacher": file_digest(teachers[GRADER]), "config": config_to_dict(cfg.grader)}
 
     def select(out_dir: Path) -> dict:
         return {task.name: task.select(teachers, out_dir, cycle) for task in tasks}

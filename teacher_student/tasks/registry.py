@@ -4,5 +4,7 @@ from __future__ import annotations
 from .base import Task
 from .classifier import ClassifierTask
 from .detector import DetectorTask
+from .grader import GraderTask
 
-TASK_KINDS: dict[str, type[Task]] = {ClassifierTask.name: ClassifierTask, DetectorTask.name: DetectorTask}
+TASK_KINDS: dict[str, type[Task]] = {ClassifierTask.name: ClassifierTask, DetectorTask.name: DetectorTask,
+                                     GraderTask.name: GraderTask}
