@@ -6,12 +6,17 @@ several seeds, every model scored on the held-out test part.
     python bench/bench_gain.py --config teacher_student/presets/cxr_covid.yaml --data ../shared/data/cxr-covid-ieee8023
     OMP_NUM_THREADS=1 python bench/bench_gain.py --config teacher_student/presets/cxr_lungs.yaml \
         --data ../shared/data/cxr-covid-ieee8023          # lung masks: segmenter test dice
+    python bench/bench_gain.py --set run.tasks=classifier,grader   # the grading demo
+    python bench/bench_gain.py --config teacher_student/presets/cxr_covid_grading.yaml --data ../shared/data/cxr-covid-ieee8023
 
 For each seed (the demo's data seed and the run seed) it runs ``run_cycle.py`` in a subprocess into
 its own run folder (rerunning resumes), then prints per seed and as mean +/- sd over seeds: the
 cycle-0 teacher, every student, the ablation (the last student's recipe on labeled data only) and
 the oracle (the same recipe on every label, trained longer) -- classifier test AUC, detector test
-mAP and segmenter test dice (mean per image) -- the pseudo labels the students trained on per class with their precision against the
+mAP, segmenter test dice (mean per image), grader QWK on the test part and out of fold (OOF QWK is
+what data without a test part, such as the shared set's 61 graded images, can be compared on: every
+student fold learns only from the teacher fold that never saw its labels, so it is honest) -- the
+pseudo labels the students trained on per class with their precision against the
 pool's hidden truth, and the paired differences student - ablation and student - teacher with the
 number of seeds in which they are positive. Everything also goes to ``<out>/bench_gain.json``.
 """
@@ -26,9 +31,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = (("classifier", ("classifier", "test", "auc_macro"), "AUC"), ("detector", ("detector", "test", "map"), "mAP"),
-           ("segmenter", ("segmenter", "test", "dice"), "dice"))
-GAIN_KEYS = {"classifier": "classifier_auc", "detector": "detector_map", "segmenter": "segmenter_dice"}
+METRICS = (("classifier", ("classifier", "test", "auc_macro"), "test AUC", "classifier_auc"),
+           ("detector", ("detector", "test", "map"), "test mAP", "detector_map"),
+           ("segmenter", ("segmenter", "test", "dice"), "test dice", "segmenter_dice"),
+           ("grader", ("grader", "test", "qwk"), "test QWK", "grader_qwk"),
+           ("grader_oof", ("grader", "oof", "qwk"), "OOF QWK", None))
+"""(key, path in a generation record, what is printed, the summary's gains key)."""
 
 
 def dig(d, *keys):
@@ -48,6 +56,8 @@ def run_seed(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
         cmd += ["--set", f"data.demo_seed={seed}", "--set", f"data.root={out / 'demo_data'}"]
     if args.cycles is not None:
         cmd += ["--cycles", str(args.cycles)]
+    if args.vary_folds:  # small data: the fold split is a large part of the spread
+        cmd += ["--set", f"folds.seed={seed}"]
     started = time.perf_counter()
     result = subprocess.run(cmd + extra, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
@@ -63,16 +73,16 @@ def seed_row(seed: int, summary: dict) -> dict:
     models = {f"gen{g['generation']}": g for g in gens}
     models.update({"ablation": summary.get("ablation") or {}, "oracle": summary.get("oracle") or {}})
     row = {"seed": seed, "wall_s": summary.get("wall_seconds"), "scores": {}, "pseudo": [], "diff": {}}
-    for task, path, _ in METRICS:
+    for task, path, _, gain in METRICS:
         row["scores"][task] = {name: dig(rec, *path) for name, rec in models.items()}
         last, teacher, ablation = (dig(gens[-1], *path), dig(gens[0], *path), dig(summary.get("ablation"), *path))
         row["diff"][task] = {"student_minus_ablation": None if None in (last, ablation) else last - ablation,
                              "student_minus_teacher": None if None in (last, teacher) else last - teacher}
-        row["diff"][task]["gap_closed"] = dig(summary, "gains", GAIN_KEYS[task], "gap_closed")
+        row["diff"][task]["gap_closed"] = dig(summary, "gains", gain, "gap_closed") if gain else None
     for cycle in summary.get("cycles", []):
         p = cycle.get("pseudo", {})
-        row["pseudo"].append({"cycle": cycle["cycle"], "classifier": dig(p, "classifier", "students"),
-                              "detector": dig(p, "detector", "students"), "segmenter": dig(p, "segmenter", "students")})
+        row["pseudo"].append({"cycle": cycle["cycle"], **{k: dig(p, k, "students")
+                                                          for k in ("classifier", "detector", "segmenter", "grader")}})
     return row
 
 
@@ -85,11 +95,11 @@ def mean_sd(values: list) -> str:
 
 
 def print_report(rows: list[dict]) -> None:
-    names = list(rows[0]["scores"]["segmenter"])
-    for task, _, metric in METRICS:
+    names = list(rows[0]["scores"]["classifier"])
+    for task, _, metric, _ in METRICS:
         if all(v is None for r in rows for v in r["scores"][task].values()):
             continue
-        print(f"\n{task} test {metric}")
+        print(f"\n{task.split('_')[0]} {metric}")
         print(f"  {'seed':<8}" + "".join(f"{n:>10}" for n in names) + f"{'st-abl':>10}{'st-tch':>10}")
         for r in rows:
             s, d = r["scores"][task], r["diff"][task]
@@ -112,6 +122,9 @@ def print_report(rows: list[dict]) -> None:
                   + (f"; pseudo masks {seg.get('total')} dice vs truth {_f(seg.get('precision'))}" if seg else "")
                   + (f"; starving {sorted({**cls.get('starving', {}), **det.get('starving', {})})}"
                      if cls.get("starving") or det.get("starving") else ""))
+            if c.get("grader"):
+                print(f"  seed {r['seed']} cycle {c['cycle']}: grades {c['grader'].get('kept_per_grade')} exact vs "
+                      f"truth {_f(c['grader'].get('precision'))}")
     print("\nwall seconds per seed: " + ", ".join(f"{r['seed']}: {r['wall_s']}" for r in rows))
 
 
@@ -127,6 +140,7 @@ def main() -> int:
     parser.add_argument("--config", help="YAML config (default: the demo preset)")
     parser.add_argument("--data", help="data root (default: the demo, generated per seed)")
     parser.add_argument("--cycles", type=int)
+    parser.add_argument("--vary-folds", action="store_true", help="also set folds.seed to the seed (a new split per seed)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_gain"))
     args, extra = parser.parse_known_args()
     rows = [seed_row(seed, run_seed(args, seed, extra)) for seed in args.seeds]

@@ -17,6 +17,9 @@ miss a subtle lesion. Layout (read by the VinBigData adapter as is)::
     root/holdout.csv                held-out labeled test part, one radiologist "R0" with exact boxes
     root/holdout/<image_id>.dicom
     root/unlabeled_truth.csv        true labels of the pool (pseudo-label precision, oracle only)
+    root/grades.csv                 image_id, grade: the severity grade 0-4 of the labeled and held-out
+                                    images (``demo_images.severity_grade``, for the ordinal grader)
+    root/unlabeled_grades.csv       the pool's true grades (hidden truth, like unlabeled_truth.csv)
     root/demo_manifest.json         parameters and counts, written last: its presence means complete
 
 The pixels come from :mod:`datasets.demo_images`; this module stores them (DICOM), labels them (CSV
@@ -39,11 +42,13 @@ from threadpoolctl import threadpool_limits
 
 from .errors import DataError
 from .atomic import atomic_path, read_json, write_json
-from .demo_images import DEMO_CLASS_IDS, Lesion, lesion_masks, patient_anatomy, synthesize_case
+from .demo_images import (DEMO_CLASS_IDS, NUM_SEVERITY_GRADES, Lesion, lesion_masks, patient_anatomy, severity_grade,
+                          synthesize_case)
 from .masks import DEMO_MASKS, DEMO_TRUTH_MASKS, EMPTY_RLE, rle_encode
 
-GENERATOR_VERSION = 2
-"""2: adds the lung-opacity masks (masks.csv, unlabeled_masks.csv); every other file is unchanged."""
+GENERATOR_VERSION = 3
+"""2: adds the lung-opacity masks (masks.csv, unlabeled_masks.csv); 3: adds the severity grade files
+(grades.csv, unlabeled_grades.csv). Every other file is byte-identical to version 1."""
 VINBIGDATA_CLASSES = (
     "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD",
     "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion",
@@ -61,6 +66,9 @@ SIIM_CSVS = tuple(f"{p}_{kind}_level.csv" for p in ("train", "holdout", "unlabel
 MASKS_OF = {"labeled": DEMO_MASKS, "holdout": DEMO_MASKS, "unlabeled": DEMO_TRUTH_MASKS}
 """Lung-opacity masks (SIIM-ACR train-rle.csv format): the labeled and held-out images share one
 file; the pool's masks are hidden truth, apart (evaluation and the oracle only)."""
+GRADES_CSV, UNLABELED_GRADES_CSV = "grades.csv", "unlabeled_grades.csv"
+GRADE_CSV_OF = {"labeled": GRADES_CSV, "holdout": GRADES_CSV, "unlabeled": UNLABELED_GRADES_CSV}
+"""Severity grades per split: the pool's are hidden truth, in a file of their own as its labels are."""
 
 NORMAL_FRACTION = 0.45
 RADIOLOGISTS = tuple(f"R{i}" for i in range(1, 18))
@@ -257,7 +265,7 @@ def _is_complete(root: Path, params: dict) -> dict | None:
     for split, ids in manifest.get("image_ids", {}).items():
         if not all((root / SPLIT_DIRS[split] / f"{i}.dicom").is_file() for i in ids):
             return None
-    csvs = manifest.get("files", {}).values()
+    csvs = [*manifest.get("files", {}).values(), *manifest.get("grade_files", {}).values()]
     return manifest if all((root / name).is_file() for name in csvs) else None
 
 
@@ -270,7 +278,8 @@ def _clear(root: Path) -> None:
         raise DataError(f"{root}: folder is not empty and holds no demo dataset; choose an empty or new folder")
     for name in SPLIT_DIRS.values():
         shutil.rmtree(root / name, ignore_errors=True)
-    for name in ("train.csv", "holdout.csv", "unlabeled_truth.csv", *SIIM_CSVS, DEMO_MASKS, DEMO_TRUTH_MASKS, MANIFEST):
+    for name in ("train.csv", "holdout.csv", "unlabeled_truth.csv", *SIIM_CSVS, DEMO_MASKS, DEMO_TRUTH_MASKS,
+                 GRADES_CSV, UNLABELED_GRADES_CSV, MANIFEST):
         (root / name).unlink(missing_ok=True)
 
 
@@ -301,6 +310,9 @@ def _manifest(params: dict, specs: dict, pairs: list) -> dict:
         "class_names": {str(c): VINBIGDATA_CLASSES[c] for c in DEMO_CLASS_IDS},
         "normal_class": VINBIGDATA_CLASSES[NO_FINDING_ID],
         "files": {**CSV_OF, **{f"{split} masks": name for split, name in MASKS_OF.items()}},
+        "grade_files": dict(GRADE_CSV_OF),
+        "grades": {split: np.bincount([severity_grade(s["lesions"]) for s in group],
+                                      minlength=NUM_SEVERITY_GRADES).tolist() for split, group in specs.items()},
         "dirs": dict(SPLIT_DIRS),
         "image_ids": {split: [s["image_id"] for s in group] for split, group in specs.items()},
     }
@@ -345,6 +357,7 @@ def _generate(root: Path, params: dict) -> dict:
         rows_of = _labeled_rows if split == "labeled" else _truth_rows
         _write_csv(root / CSV_OF[split], [row for spec in specs[split] for row in rows_of(spec)])
     _write_masks(root, specs)
+    _write_grades(root, specs)
     manifest = _manifest(params, specs, pairs)
     write_json(root / MANIFEST, manifest)
     return manifest
@@ -369,3 +382,12 @@ def _labeled_rows(spec: dict) -> list[dict]:
 def _truth_rows(spec: dict) -> list[dict]:
     return truth_rows(spec["image_id"], spec["lesions"])
 
+
+
+def _write_grades(root: Path, specs: dict[str, list[dict]]) -> None:
+    """grades.csv (labeled, then held-out images) and unlabeled_grades.csv (the pool's truth)."""
+    for name in sorted(set(GRADE_CSV_OF.values())):
+        rows = [{"image_id": s["image_id"], "grade": severity_grade(s["lesions"])}
+                for split, group in specs.items() if GRADE_CSV_OF[split] == name for s in group]
+        with atomic_path(root / name) as tmp:
+            pd.DataFrame(rows, columns=["image_id", "grade"]).to_csv(tmp, index=False)

@@ -199,6 +199,26 @@ def _effusion(rng, u, v, a, masks) -> tuple[np.ndarray, float]:
 
 LESION_MAKERS = {NODULE_ID: _nodule, OPACITY_ID: _opacity, EFFUSION_ID: _effusion}
 
+SEVERITY_CUTS = (0.4, 0.8, 1.4)
+"""Lesion burden (the sum of the lesions' visibilities) at which an abnormal image's severity grade
+steps up from 1 to 2, 3 and 4. Chosen on 600 generated images so that every grade is common
+(measured: 0 45%, 1 14%, 2 19%, 3 16%, 4 7%)."""
+NUM_SEVERITY_GRADES = 5
+
+
+def severity_grade(lesions: list[Lesion]) -> int:
+    """The demo's ordinal severity grade 0-4: a pure function of the lesions' number and strength.
+
+    0 for a normal image; otherwise 1 plus the number of :data:`SEVERITY_CUTS` that the burden --
+    the sum of the lesions' visibilities -- reaches. More lesions, or more visible ones, grade
+    higher: one faint nodule is 1, two clear opacities are 4. Visibility is what the image shows
+    (lesion contrast or fluid depth), so the grade can be learned from the pixels.
+    """
+    if not lesions:
+        return 0
+    burden = sum(float(les.visibility) for les in lesions)
+    return 1 + int(np.searchsorted(SEVERITY_CUTS, burden, side="right"))
+
 
 def layer_box(layer: np.ndarray, rel: float = 0.1) -> tuple[float, float, float, float] | None:
     """Pixel box (x_min, y_min, x_max, y_max, pixel edges) of where a lesion layer exceeds rel of its peak."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
 
 from .config import TrainConfig
 from .predict import activate, predict_logits
@@ -78,7 +78,7 @@ def fit(
     model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig, *,
     loss: LossKind, metric_fn: MetricFn | None = None, device: torch.device | str = "cpu",
     hooks: Sequence[Hook] = (), log: Callable[[str], None] = print, seed: int = 0, precise_bn_batches: int = 20,
-    name: str | None = None,
+    name: str | None = None, sampler_weights: Sequence[float] | np.ndarray | None = None,
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best weights (the last without val_ds).
 
@@ -95,9 +95,13 @@ def fit(
         precise_bn_batches: training batches used to re-estimate BatchNorm statistics before each
             validation, capped at max(4, a quarter of an epoch) (0: keep the running statistics).
         name: names the run ("classifier gen 1 fold 0") in the one-line non-finite loss error.
+        sampler_weights: one draw weight per training sample: each epoch draws len(train_ds)
+            samples with replacement in proportion to them (``WeightedRandomSampler``, e.g. class
+            balancing); None shuffles every sample once per epoch.
     """
     trainer = ClassifierTrainer(model, train_ds, val_ds, cfg, loss=loss, metric_fn=metric_fn, device=device, hooks=hooks,
-                                log=log, seed=seed, precise_bn_batches=precise_bn_batches, name=name)
+                                log=log, seed=seed, precise_bn_batches=precise_bn_batches, name=name,
+                                sampler_weights=sampler_weights)
     trainer.train()
     return trainer.result()
 
@@ -106,7 +110,7 @@ class ClassifierTrainer(Trainer):
     """The classifier's side of the loop: weighted soft-target loss, metric validation, precise BN."""
 
     def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, *, loss, metric_fn, device, hooks, log, seed,
-                 precise_bn_batches=20, name=None):
+                 precise_bn_batches=20, name=None, sampler_weights=None):
         if len(train_ds) < 2:
             raise ValueError(f"need at least 2 training images, got {len(train_ds)}")
         sample_losses(torch.zeros(1, 1), torch.zeros(1, 1), kind=loss)  # validates the loss kind
@@ -118,10 +122,12 @@ class ClassifierTrainer(Trainer):
         if hasattr(train_ds, "reseed"):
             train_ds.reseed(seed)
         model = model.to(device, memory_format=torch.channels_last if fast else torch.preserve_format)
+        generator = torch.Generator().manual_seed(seed)
+        sampler = _weighted_sampler(sampler_weights, len(train_ds), generator)
         loader = DataLoader(
-            train_ds, batch_size=min(cfg.batch_size, len(train_ds)), shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-            num_workers=cfg.workers, generator=torch.Generator().manual_seed(seed), worker_init_fn=_seed_worker,
-            pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+            train_ds, batch_size=min(cfg.batch_size, len(train_ds)), shuffle=sampler is None, sampler=sampler,
+            drop_last=len(train_ds) > cfg.batch_size, num_workers=cfg.workers, generator=generator,
+            worker_init_fn=_seed_worker, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
         )
         total = cfg.epochs * len(loader)
         optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -212,6 +218,16 @@ class ClassifierTrainer(Trainer):
 
     def result(self) -> FitResult:
         return FitResult(self.best_state, self.best_metric, self.history, len(self.history))
+
+
+def _weighted_sampler(weights, n: int, generator: torch.Generator) -> WeightedRandomSampler | None:
+    """Draws n samples per epoch with replacement, in proportion to ``weights`` (None: no sampler)."""
+    if weights is None:
+        return None
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    if w.shape != (n,) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"sampler_weights must be {n} finite non-negative weights, not all 0 (got shape {tuple(w.shape)})")
+    return WeightedRandomSampler(w, num_samples=n, replacement=True, generator=generator)
 
 
 def _seed_worker(worker_id: int) -> None:

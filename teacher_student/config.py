@@ -231,6 +231,47 @@ class SegmenterConfig:
 
 
 @dataclass(frozen=True)
+class GraderConfig:
+    """The ordinal grader (``run.tasks`` includes "grader"): a grade 0..K-1 per image, cumulative
+    targets with BCE, thresholds chosen on OOF for the best QWK and saved in the checkpoint."""
+
+    num_grades: int = 5
+    """K: grades are integers 0..K-1 (the model has K-1 sigmoid outputs, one per step "grade >= k")."""
+    grade_column: str = "grade"
+    """Column of grades_csv holding the grade (the shared set: geographic_mean)."""
+    grades_csv: str = ""
+    """CSV with image_id and grade_column, relative to data.root; empty: the demo's grades.csv, or
+    data.images_csv for the generic format. An empty cell is an unknown grade; a bad one is quarantined."""
+    grade_rounding: Literal["none", "nearest"] = "none"
+    """none: a non-integer grade is bad input (quarantined); nearest: round half up, floor(x + 0.5),
+    for grades that are means of several raters."""
+    ladder: tuple[str, ...] = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3")
+    """timm model per generation (K-1 outputs): ladder[0] is the cycle-0 teacher, ladder[c] the student of cycle c."""
+    drop_rate: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4)
+    """Dropout before the head, per generation (student noise)."""
+    drop_path_rate: tuple[float, ...] = (0.0, 0.1, 0.2, 0.2)
+    """Stochastic depth, per generation (student noise)."""
+    pretrained: str = ""
+    """As classifier.pretrained: empty random init, 'timm', or a local state dict."""
+    student_steps: float = 1.0
+    """Optimizer steps of grader students and the ablation as a multiple of the teacher's."""
+    sampling: Literal["uniform", "inverse_frequency", "weights"] = "uniform"
+    """How training samples are drawn: uniform shuffling; inverse_frequency (WeightedRandomSampler,
+    every grade as often); weights (grade_weights per grade)."""
+    grade_weights: tuple[float, ...] = ()
+    """Per-grade draw weights (num_grades values) for sampling: weights."""
+    selection_metric: Literal["qwk", "loss"] = "qwk"
+    """The epoch kept: best validation QWK (expected grade rounded; thresholds are fitted after) or lowest loss."""
+    min_margin: float = 0.25
+    """A pseudo grade is kept when its expected grade lies at least this far (in grades) from the
+    nearest threshold (ignored if target_accuracy > 0). Balancing, the starving-grade fallback,
+    soft/hard targets, temperature, labeled_blend and weight: the pseudo.* settings, per grade."""
+    target_accuracy: float = 0.0
+    """If > 0, per grade the lowest margin whose OOF predictions of that grade are right this often."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
 class GateConfig:
     mode: Literal["hard", "soft", "off"] = "hard"
     """hard: VinBigData three-zone gate; soft: box scores times P(abnormal); off: detector alone."""
@@ -246,11 +287,11 @@ class GateConfig:
 class RunConfig:
     cycles: int = field(default=3, metadata={"ge": 0})
     """Teacher -> student cycles after cycle 0."""
-    tasks: tuple[Literal["classifier", "detector", "segmenter"], ...] = field(default=("classifier", "detector"),
-                                                                               metadata={"min_len": 1})
+    tasks: tuple[Literal["classifier", "detector", "segmenter", "grader"], ...] = field(
+        default=("classifier", "detector"), metadata={"min_len": 1})
     """Task kinds the run trains, in order; the study classifier comes first (the detector's
     negatives and the final gate read its P(abnormal)); a segmenter without a cascade may run
-    alone. A kind without labels in the data is skipped."""
+    alone. A kind without labels in the data is skipped. grader: the ordinal grade (see grader.*)."""
     out: str = "runs/demo"
     """Run directory; rerunning into it resumes."""
     device: str = "auto"
@@ -290,6 +331,7 @@ class EngineConfig:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    grader: GraderConfig = field(default_factory=GraderConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -422,6 +464,13 @@ def check_config(cfg: EngineConfig) -> EngineConfig:
     low, high = cfg.preprocess.percentile_clip
     if low >= high:
         problems.append(f"preprocess.percentile_clip {[low, high]}: the low percentile must be below the high one")
+    g = cfg.grader
+    if "grader" in tasks and g.num_grades < 2:
+        problems.append(f"grader.num_grades {g.num_grades}: an ordinal scale needs at least 2 grades")
+    if "grader" in tasks and g.sampling == "weights" and (len(g.grade_weights) != g.num_grades
+                                                          or min(g.grade_weights, default=0) < 0):
+        problems.append(f"grader.grade_weights {list(g.grade_weights)}: sampling 'weights' needs "
+                        f"{g.num_grades} non-negative values (grader.num_grades)")
     problems += _ladder_problems(cfg)
     problems += _model_problems(cfg)
     device = check_device_name(cfg.run.device)

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-CLASSIFIER, DETECTOR, SEGMENTER = "classifier", "detector", "segmenter"
+CLASSIFIER, DETECTOR, SEGMENTER, GRADER = "classifier", "detector", "segmenter", "grader"
 """Task kinds' folder names under a generation."""
 
 PROB_PREFIX = "p:"
@@ -40,6 +40,11 @@ PROB_PREFIX = "p:"
 
 def prob_columns(class_names) -> list[str]:
     return [f"{PROB_PREFIX}{c}" for c in class_names]
+
+
+def cumulative_columns(num_grades: int) -> list[str]:
+    """The grader's probability columns ``p:>=1 .. p:>=K-1``: P(grade >= k), raw, one per step."""
+    return prob_columns([f">={k}" for k in range(1, num_grades)])
 
 
 # file names inside a stage directory
@@ -85,6 +90,12 @@ CASCADE = "cascade.json"
 MASK_SUBMISSION = "mask_submission_{}.csv"
 MASK_PNGS = "masks_{}"
 """Folders of final (or exported pseudo) masks as PNGs, at the source image's size."""
+GRADE_THRESHOLDS = "thresholds.json"
+"""A grader generation's OOF-fitted grade thresholds: the ensemble's and, per fold, the cross-fitted
+ones its OOF grades were cut with (each fold model's own are in its checkpoint)."""
+GRADE_SELECTION = "grade_selection.csv"
+GRADE_PSEUDO = "grade_pseudo.csv"
+GRADE_PSEUDO_INFO = "grade_pseudo.json"
 GATE = "gate.json"
 CLASS_PREDICTIONS = "class_predictions.csv"
 BOX_PREDICTIONS = "box_predictions_{}.csv"

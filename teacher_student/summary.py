@@ -34,6 +34,7 @@ def format_summary(summary: dict) -> str:
         if ref:
             lines.append(_row(tag, ref.get("classifier_model"), ref.get("detector_model"), ref, None) + f"  ({note})")
     lines += mask_lines(summary, pseudo)
+    lines += grader_lines(summary)
     lines += gain_lines(summary.get("gains") or {})
     gate = summary.get("gate")
     if gate:
@@ -76,11 +77,29 @@ def mask_lines(summary: dict, pseudo: dict) -> list[str]:
     return out
 
 
+def grader_lines(summary: dict) -> list[str]:
+    """The ordinal grader, when the run has one: QWK OOF and test per generation and reference,
+    and the pseudo grades the students trained on (exact agreement with hidden truth)."""
+    gens = [g for g in summary.get("generations", []) if g.get("grader")]
+    if not gens:
+        return []
+    pseudo = {c["cycle"]: dig(c, "pseudo", "grader", "students") or {} for c in summary.get("cycles", [])}
+    lines = [f"{'grader':>10} {'model':<18} {'QWK oof':>8} {'QWK test':>8} {'pseudo':>7} {'prec':>6}"]
+    rows = [(f"gen {g['generation']}", g.get("grader_model"), g, pseudo.get(g["generation"], {})) for g in gens]
+    rows += [(tag, (summary.get(key) or {}).get("grader_model"), summary.get(key), {})
+             for tag, key in (("ablation", "ablation"), ("oracle", "oracle")) if dig(summary, key, "grader")]
+    for tag, model, rec, p in rows:
+        lines.append(f"{tag:>10} {str(model or ''):<18} {_fmt(dig(rec, 'grader', 'oof', 'qwk')):>8} "
+                     f"{_fmt(dig(rec, 'grader', 'test', 'qwk')):>8} {str(p.get('total', '-')):>7} "
+                     f"{_fmt(p.get('precision'), 2):>6}")
+    return lines
+
+
 def gain_lines(gains: dict) -> list[str]:
     """The last student against its baselines on the held-out test part, one line per metric."""
     out = []
     for key, label in (("classifier_auc", "classifier AUC"), ("detector_map", "detector mAP"),
-                       ("segmenter_dice", "segmenter dice")):
+                       ("segmenter_dice", "segmenter dice"), ("grader_qwk", "grader QWK")):
         g = gains.get(key)
         if not g:
             continue

@@ -21,12 +21,14 @@ from ...datasets.config import config_to_dict
 from ...datasets.errors import ConfigError, DataError
 from ...datasets.mask_cache import MaskCache
 from ...datasets.folds import assign_folds, check_no_leak, hold_out_groups
+from ...datasets.grades import with_grades
 from ...datasets.table import ItemTable, Quarantine, format_problem, load_table, save_table
 from ...loops.device import resolve_device
 from ...loops.stages import source_digest
 from ..config import EngineConfig, detector_preprocess
 from ..layout import FOLD_REPORT, FOLDS, GROUPS, TABLE_META, RunLayout
 from ..context import RunContext, run_stage
+from ..tasks.grader import grade_source
 
 log = logging.getLogger("cxr.cycle")
 
@@ -44,6 +46,9 @@ def prepare(cfg: EngineConfig) -> RunContext:
         raise DataError(f"data root {root} does not exist (set --data or data.root)")
     payload = {"data": config_to_dict(cfg.data), "pre": config_to_dict(cfg.preprocess),
                "folds": config_to_dict(cfg.folds), "source": source_digest(root)}
+    grades = [grade_source(cfg), grade_source(cfg, hidden=True)]
+    if grades[0] is not None:  # only then: runs without a grader keep their data stage
+        payload["grades"] = [config_to_dict(s) if s else None for s in grades]
     device = resolve_device(cfg.run.device)
     records: list = []
     run_stage(layout, records, layout.data, payload, lambda d: build_data(cfg, layout, d))
@@ -95,6 +100,9 @@ def make_demo(cfg: EngineConfig, root: Path) -> None:
 
 def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     table = load_dataset(cfg.data)
+    grades = grade_source(cfg)
+    if grades is not None:
+        table = with_grades(table, Path(cfg.data.root), grades, cfg.data.on_bad_input)
     cache = ImageCache(layout.cache, cfg.preprocess)
     failures = cache.build(table.items[["image_id", "path"]], workers=cfg.run.workers)
     if cfg.detector.enabled and detector_preprocess(cfg) != cfg.preprocess:  # the detectors' own input size
@@ -119,6 +127,9 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     write_table(stage_dir / GROUPS, fa.groups.rename("group").rename_axis("image_id").reset_index())
     write_json(stage_dir / FOLD_REPORT, fa.report)
     truth = load_hidden_truth(cfg.data) if cfg.data.hidden_truth else None
+    hidden_grades = grade_source(cfg, hidden=True)
+    if truth is not None and hidden_grades is not None:
+        truth = with_grades(truth, Path(cfg.data.root), hidden_grades, cfg.data.on_bad_input)
     if truth is not None:
         save_table(stage_dir / layout.truth.name, cache_masks(cfg, layout, truth))
     return {"table": table.summary(), "quarantined": int(len(table.quarantine)), "folds": fa.report}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ...datasets.adapters import training_boxes
+from ...datasets.grades import GRADE
 from ...datasets.table import ItemTable
 from ..context import RunContext
 from ..summary import dig
@@ -22,9 +23,10 @@ from .generation import train_generation
 
 ORACLE, ABLATION = "oracle", "ablation"
 GAINS = (("classifier_auc", ("classifier", "test", "auc_macro")), ("detector_map", ("detector", "test", "map")),
-         ("segmenter_dice", ("segmenter", "test", "dice")))
+         ("segmenter_dice", ("segmenter", "test", "dice")),
+         ("grader_qwk", ("grader", "test", "qwk")))
 LABEL_FLAG = {"classifier": "has_study_label", "detector": "box_labeled", "segmenter": "mask_labeled"}
-"""The item column saying an image holds ground truth for a task kind."""
+"""The item column saying an image holds ground truth for a task kind (the grader's: a known grade)."""
 
 
 def truth_table(ctx: RunContext) -> ItemTable:
@@ -34,6 +36,7 @@ def truth_table(ctx: RunContext) -> ItemTable:
     pool = items["role"].eq("unlabeled") & items["image_id"].isin(truth_items.index)
     flags = [f for f in LABEL_FLAG.values() if f in items and f in truth_items]
     cols = [*ctx.table.label_columns, *flags, *(c for c in ("mask_path", "mask_rle") if c in items and c in truth_items)]
+    cols += [GRADE] if GRADE in items and GRADE in truth_items else []
     items.loc[pool, cols] = truth_items.loc[items.loc[pool, "image_id"], cols].to_numpy()
     items[flags] = items[flags].astype(bool)
     truth_boxes = training_boxes(ctx.truth)
@@ -64,8 +67,8 @@ def oracle(ctx: RunContext, tasks: list, gen: int) -> dict | None:
     out: dict = {"generation": gen, "steps_factor": run.oracle_steps, "patience": run.oracle_patience}
     for task in tasks:
         reference = type(task)(ctx, table)
-        flag = LABEL_FLAG[task.name]
-        extra = tuple(table.items.loc[pool & table.items[flag], "image_id"])
+        known = table.items[LABEL_FLAG[task.name]] if task.name in LABEL_FLAG else table.items[GRADE].notna()
+        extra = tuple(table.items.loc[pool & known, "image_id"])
         pred = train_generation(ctx, reference, gen, None, None, task_dir=ctx.layout.reference(ORACLE, task.name),
                                 extra_ids=extra, steps_factor=run.oracle_steps, patience=run.oracle_patience)
         out[task.name] = reference.score(pred)

@@ -83,7 +83,7 @@ def generation_record(ctx: RunContext, tasks: list[Task], gen: int, preds: dict[
     cycle written while the run goes on reads them there (summary.json comes only at the end)."""
     rec = {"generation": gen, "model": ladder_value(ctx.cfg.classifier.ladder, gen)}
     for task in tasks:
-        if task.name in (DETECTOR, SEGMENTER):
+        if task.name != CLASSIFIER:
             rec[f"{task.name}_model"] = task.model_name(gen)
         rec[task.name] = task.score(preds[task.name])
     write_json(ctx.layout.metrics(gen), rec)

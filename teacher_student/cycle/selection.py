@@ -7,7 +7,7 @@ from pathlib import Path
 from ...datasets.config import config_to_dict
 from ...loops.stages import file_digest
 from ..context import RunContext
-from ..layout import CLASSIFIER, DETECTOR, SEGMENTER
+from ..layout import CLASSIFIER, DETECTOR, GRADER, SEGMENTER
 from ..tasks.base import Task
 
 
@@ -19,6 +19,8 @@ def select_stage(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], 
                "pseudo": config_to_dict(cfg.pseudo), "det": config_to_dict(cfg.detector), "seed": cfg.run.seed}
     if SEGMENTER in teachers:  # keyed only when present, so runs without masks keep their fingerprints
         payload["segmenter"] = [file_digest(teachers[SEGMENTER]), config_to_dict(cfg.segmenter)]
+    if GRADER in teachers:  # only then, so runs without a grader keep their fingerprints
+        payload[GRADER] = {"teacher": file_digest(teachers[GRADER]), "config": config_to_dict(cfg.grader)}
 
     def select(out_dir: Path) -> dict:
         return {task.name: task.select(teachers, out_dir, cycle) for task in tasks}

@@ -24,6 +24,7 @@ from .grids import grids_section
 from .headline import headline_section
 from .masks import has_masks, mask_section
 from .html import Report, clean_json, esc, fmt, html_table, page
+from .ordinal import ordinal_section
 from .run_reader import CycleData, Loader, default_loader, optional_json, read_cycle
 from .sections import (agreement_section, calibration_section, confidence_section, label_issue_section, pool_spread,
                        pr_section, quality_section, verdict_section)
@@ -52,6 +53,7 @@ def build_report(d: CycleData, load: Loader | None, load_problem: str | None, ta
         status = d.box_images["status"].value_counts().to_dict()
         r.add("<h3>Pseudo-box images by status</h3>", html_table([{"status": k, "images": int(v)} for k, v in status.items()]))
         r.data["box_images"] = {k: int(v) for k, v in status.items()}
+    ordinal_section(d, r)
     drift_section(d, r)
     thumbs = Thumbs(load, d.table.box_classes, load_problem)
     grids_section(d, r, thumbs, spread)
