@@ -181,6 +181,18 @@ class RunConfig:
     """Early stopping of the oracle: epochs without a better validation score (its fold's labeled images)."""
     cache_dir: str = ""
     """Preprocessing cache; empty: <out>/cache. Share one between runs to decode each image once."""
+    executor: Literal["local", "processes", "ray"] = "local"
+    """Where the independent fold trainings (and per-fold predictions) of a step run: local (one after
+    another in this process), processes (a process pool on this machine, one torch thread per worker)
+    or ray (Ray tasks on a cluster or a local Ray; pip install '.[ray]'). Results are the same files."""
+    fold_workers: int = 2
+    """Folds trained at once by the processes executor (and the CPUs of a local Ray)."""
+    ray_address: str = ""
+    """Ray cluster to run on ("auto", "ray://head:10001"); empty: a local Ray started for the run."""
+    ray_num_cpus_per_fold: float = 1.0
+    """CPUs each fold's Ray task asks for (and its torch threads)."""
+    ray_num_gpus_per_fold: float = 0.0
+    """GPUs each fold's Ray task asks for (a fraction shares one); Ray shows each task only its own."""
 
 
 @dataclass(frozen=True)
