@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -137,6 +138,9 @@ class DetectorConfig:
     ("Right Lung" / "Left Lung"): a flipped right lung is a left lung."""
     workers: int = 0
     """Processes for WBF fusion over images (0: in process)."""
+    devices: str = ""
+    """GPUs one YOLO fold trains on, as ultralytics names them ("0,1,2,3": its own multi-GPU DDP;
+    needs the engine installed, as its workers import it); empty: run.device. Prediction uses run.device."""
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,10 @@ def check_config(cfg: EngineConfig) -> EngineConfig:
         raise ConfigError(f"run.tasks {list(tasks)}: must start with 'classifier' (the other kinds read its predictions)")
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"run.tasks {list(tasks)}: a task kind is listed twice")
+    devices = cfg.detector.devices
+    if devices and (cfg.detector.kind != "yolo" or not re.fullmatch(r"\d+(,\d+)*", devices)):
+        raise ConfigError(f"detector.devices {devices!r}: a list of GPU indices such as '0,1', for detector.kind yolo "
+                          "(ultralytics' own multi-GPU); effdet trains on run.device")
     return cfg
 
 

@@ -116,7 +116,7 @@ class DetectorTask(Task):
                               epochs=plan.epochs, batch_size=dc.batch_size, lr=dc.lr, img_size=dc.img_size,
                               randaugment_n=ladder_value(dc.randaugment_n, gen),
                               randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
-                              device=str(self.ctx.device), seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
+                              device=dc.devices or str(self.ctx.device), seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
                               log=lambda record: log.info(format_epoch(record)),
                               run_name=f"{DETECTOR} gen {gen} fold {plan.fold}", patience=plan.patience)
         detector.save(out_dir / DETECTOR_CHECKPOINT)
