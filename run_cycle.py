@@ -2,6 +2,8 @@
 
     python run_cycle.py --cycles 3                      # the built-in demo, end to end
     python run_cycle.py --config my.yaml --out runs/x   # your data (see README: "Using your own data")
+    python run_cycle.py plan --config my.yaml --out runs/x                  # its stages, done or not
+    python run_cycle.py run --config my.yaml --out runs/x --only gen0/classifier/fold3   # one of them
     python run_cycle.py export --run runs/demo --cycle 2 --format yolo --dest exports/yolo
     python run_cycle.py --version
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import types
 from pathlib import Path
@@ -64,8 +67,16 @@ config keys (override any with --set section.key=value; unknown keys fail with a
   run.cycles, run.out, run.device, run.seed, run.workers, run.tensorboard
 The README's "Config reference" (run_cycle.py --config-reference) lists every key with its default.
 
+commands (none: run):
+  run     run the cycle (resumes); --only STAGE runs one stage (or a pattern) against the run folder
+  plan    print the stage graph: stage, wave, status (done / ready / stale / waiting), inputs, outputs
+  export  pseudo labels as CSV / YOLO / COCO (run_cycle.py export --help)
+
 examples:
   python run_cycle.py --cycles 3
+  python run_cycle.py plan --out runs/demo
+  python run_cycle.py run --out runs/demo --only 'gen0/*/fold1'
+  torchrun --nproc_per_node 4 run_cycle.py run --config my.yaml --only gen1/classifier/fold0
   python run_cycle.py --config teacher_student/presets/cxr_covid.yaml --data ../shared/data/cxr-covid-ieee8023
   python run_cycle.py --cycles 1 --set classifier.train.epochs=2 --set detector.enabled=false
   python run_cycle.py export --run runs/demo --cycle 3 --format coco --dest exports/c3.json
@@ -120,7 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-reference", action="store_true",
                    help="print every config key with its default and meaning (the README's table) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
+    p.add_argument("--only", action="append", default=[], metavar="STAGE",
+                   help="run: only this stage (a path such as gen1/classifier/fold3, or a pattern such as "
+                        "'gen0/*/fold*'; repeatable) against the run folder; refused when its inputs are not done")
+    p.add_argument("--format", choices=["table", "tsv", "json"], default="table", help="plan: output format")
     return p
+
+
+COMMANDS = ("run", "plan")
 
 
 def resolve_config(args: argparse.Namespace):
@@ -147,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         from cxr_noisy_student.teacher_student.exports import export_main
 
         return export_main(argv[1:])
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks
+    logging.basicConfig(level=logging.WARNING if args.quiet or rank > 0 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from cxr_noisy_student.datasets.errors import ConfigError, DataError, TrainingError
     from cxr_noisy_student.datasets.config import config_to_dict
@@ -165,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             return 0
+        if command == "plan":
+            from cxr_noisy_student.teacher_student.cycle.graph import format_plan, plan
+
+            print(format_plan(plan(cfg), args.format))
+            return 0
+        if args.only:
+            return run_only(cfg, args.only)
         from cxr_noisy_student.teacher_student.cycle.runner import run_cycles
 
         summary = run_cycles(cfg)
@@ -173,6 +200,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_table(summary)
     print(f"\nsummary: {Path(cfg.run.out) / 'summary.json'}   reports: {Path(cfg.run.out) / 'index.html'}")
+    return 0
+
+
+def run_only(cfg, patterns: list[str]) -> int:
+    """``run --only``: the matching stages, one line each (path, done or reused, seconds)."""
+    from cxr_noisy_student.teacher_student.cycle.graph import run_only as run_stages
+    from cxr_noisy_student.teacher_student.cycle.runner import run_executor
+
+    executor = run_executor(cfg.run)
+    try:
+        records = run_stages(cfg, patterns, executor)
+    finally:
+        executor.close()
+    if int(os.environ.get("RANK", "0")) == 0:
+        for r in records:
+            print(f"{r['path']}: {'reused' if r['skipped'] else 'done in %.1f s' % r['seconds']}")
     return 0
 
 

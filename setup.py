@@ -57,6 +57,8 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         # 12-bit lossy JPEG DICOMs. GPL-3 licensed, hence opt-in.
         "jpeg-lossy": ["pylibjpeg-libjpeg>=2.0"],
+        # run.executor: ray -- folds as Ray tasks on a cluster or a local Ray (Apache-2.0).
+        "ray": ["ray>=2.40"],
     },
     entry_points={"console_scripts": ["run-cycle=run_cycle:main"]},
 )

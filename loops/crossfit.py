@@ -9,10 +9,13 @@ ensemble and its pseudo labels are made of.
 The loop knows nothing of what is trained: an estimator (see :class:`FoldEstimator`) fits one
 fold from a :class:`FoldPlan`, predicts images with one fold model, and turns the per-fold
 prediction tables into its output files. Each fold and the prediction step are resumable stages
-run through the caller's ``run_stage``, keyed by the plan's fingerprint payload.
+run through the caller's runner, keyed by the plan's fingerprint payload; the folds are
+independent, so the runner's executor (``loops.executor``) may train them side by side, in other
+processes or on other machines, and each fold model predicts where the executor puts it.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -21,6 +24,7 @@ import pandas as pd
 
 from ..datasets.errors import DataError
 from ..datasets.progress import Progress
+from .executor import Executor
 from .stages import file_digest
 
 PREDICT_CHUNK = 256
@@ -28,8 +32,20 @@ PREDICT_CHUNK = 256
 TRAIN_IDS = "train_ids.txt"
 """Written into every fold directory by the loop: the fold model's distinct training images."""
 
-StageRunner = Callable[[Path, dict, Callable[[Path], Any]], dict]
-"""``run_stage(stage_dir, payload, fn) -> record``: run ``fn(tmp_dir)`` unless done (loops.stages)."""
+StageSpec = tuple[Path, dict, Callable[[Path], Any]]
+"""``(stage_dir, payload, fn)``: a resumable stage, keyed by the fingerprint of ``payload``."""
+
+
+class StageRunner(Protocol):
+    """What runs the loop's stages (``teacher_student.context.RunContext``): records, resumes, executes."""
+
+    executor: Executor
+
+    def stage(self, stage_dir: Path, payload: dict, fn: Callable[[Path], Any]) -> dict:
+        """Run one stage in this process (skipped when done); return its record."""
+
+    def stages(self, specs: Sequence[StageSpec]) -> list[dict]:
+        """Run independent stages through the executor (in parallel where it can); their records."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +78,9 @@ class FoldEstimator(Protocol):
         """Write the generation's prediction files from the per-fold tables (a ``fold`` column)."""
 
 
-def cross_fit(estimator: FoldEstimator, plans: Sequence[FoldPlan], *, folds: pd.Series, oof_ids: Sequence[str],
-              pool_ids: Sequence[str], task_dir: Path, run_stage: StageRunner, payload: dict) -> Path:
-    """Fit every fold (one stage each), then predict OOF + pool (one stage); return the predictions dir.
+@dataclass(frozen=True, eq=False)
+class CrossFitJob:
+    """One cross-fit: an estimator, its fold plans, the images it predicts, where it goes.
 
     Args:
         folds: fold of every labeled image (index image_id).
@@ -72,16 +88,54 @@ def cross_fit(estimator: FoldEstimator, plans: Sequence[FoldPlan], *, folds: pd.
         pool_ids: the images every fold model predicts.
         payload: the config slice shared by every stage of this cross-fit (model, noise, seed...).
     """
-    task_dir = Path(task_dir)
-    for plan in plans:
-        fold_payload = {**payload, "fold": plan.fold, **plan.payload, "val": list(plan.val_ids), "epochs": plan.epochs,
-                        "patience": plan.patience}
-        run_stage(task_dir / f"fold{plan.fold}", fold_payload, lambda d, p=plan: _fit(estimator, p, d))
-    fold_dirs = {plan.fold: task_dir / f"fold{plan.fold}" for plan in plans}
-    pred_payload = {**payload, "models": file_digest(*fold_dirs.values()), "pool": list(pool_ids)}
-    pred_dir = task_dir / "predictions"
-    run_stage(pred_dir, pred_payload, lambda d: _predict(estimator, fold_dirs, folds, oof_ids, pool_ids, d))
-    return pred_dir
+
+    estimator: FoldEstimator
+    plans: Sequence[FoldPlan]
+    folds: pd.Series
+    oof_ids: Sequence[str]
+    pool_ids: Sequence[str]
+    task_dir: Path
+    payload: dict
+
+    @property
+    def predictions(self) -> Path:
+        return Path(self.task_dir) / PREDICTIONS
+
+    def fold_stages(self) -> list[StageSpec]:
+        """One stage per fold model, ``task_dir/fold<k>``, keyed by the shared payload and the fold's plan."""
+        specs = []
+        for plan in self.plans:
+            payload = {**self.payload, "fold": plan.fold, **plan.payload, "val": list(plan.val_ids),
+                       "epochs": plan.epochs, "patience": plan.patience}
+            specs.append((Path(self.task_dir) / f"fold{plan.fold}", payload, functools.partial(_fit, self.estimator, plan)))
+        return specs
+
+    def prediction_stage(self, executor: Executor) -> StageSpec:
+        """The stage predicting OOF + pool with the fold models, keyed by their outputs (so the fold
+        stages must be done: their files are digested). Each fold model predicts in the executor."""
+        fold_dirs = {plan.fold: Path(self.task_dir) / f"fold{plan.fold}" for plan in self.plans}
+        payload = {**self.payload, "models": file_digest(*fold_dirs.values()), "pool": list(self.pool_ids)}
+        return (self.predictions, payload,
+                lambda d: _predict(self.estimator, fold_dirs, self.folds, self.oof_ids, self.pool_ids, d, executor))
+
+
+def cross_fit(*jobs: CrossFitJob, runner: StageRunner) -> list[Path]:
+    """Fit every fold of every job (one stage each), then predict OOF + pool (one stage per job);
+    return the predictions dirs, in job order.
+
+    The folds of all jobs are independent, so a parallel executor gets all of them at once; the
+    local one runs job after job, folds then predictions, as the engine always has (the order in
+    which a killed run left its stages).
+    """
+    batches = [jobs] if runner.executor.kind != "local" else [[job] for job in jobs]
+    for batch in batches:
+        runner.stages([spec for job in batch for spec in job.fold_stages()])
+        for job in batch:
+            runner.stage(*job.prediction_stage(runner.executor))
+    return [job.predictions for job in jobs]
+
+
+PREDICTIONS = "predictions"
 
 
 def _fit(estimator: FoldEstimator, plan: FoldPlan, out_dir: Path) -> dict:
@@ -90,12 +144,27 @@ def _fit(estimator: FoldEstimator, plan: FoldPlan, out_dir: Path) -> dict:
 
 
 def _predict(estimator: FoldEstimator, fold_dirs: dict[int, Path], folds: pd.Series, oof_ids: Sequence[str],
-             pool_ids: Sequence[str], out_dir: Path) -> dict:
+             pool_ids: Sequence[str], out_dir: Path, executor: Executor) -> dict:
     assignment = {k: [i for i in oof_ids if folds[i] == k] for k in fold_dirs}
     assert_out_of_fold(assignment, folds, oof_ids, {k: trained_on(d) for k, d in fold_dirs.items()},
                        where=out_dir.parent.parent / out_dir.parent.name)
+    if executor.kind == "local":  # in this process: one progress bar over every fold's images
+        oof_parts, pool_parts = _predict_here(estimator, fold_dirs, assignment, pool_ids, out_dir)
+    else:
+        items = [(k, fold_dir, assignment[k], list(pool_ids)) for k, fold_dir in fold_dirs.items()]
+        parts = executor.map(functools.partial(_predict_fold, estimator), items)
+        oof_parts = [oof for oof, _ in parts if oof is not None]
+        pool_parts = [pool for _, pool in parts if pool is not None]
+    oof = pd.concat(oof_parts, ignore_index=True) if oof_parts else pd.DataFrame(columns=["image_id", "fold"])
+    pool = pd.concat(pool_parts, ignore_index=True) if pool_parts else pd.DataFrame(columns=["image_id", "fold"])
+    return estimator.write_predictions(oof, pool, out_dir)
+
+
+def _predict_here(estimator: FoldEstimator, fold_dirs: dict[int, Path], assignment: dict[int, list[str]],
+                  pool_ids: Sequence[str], out_dir: Path) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
+    """Every fold model's OOF and pool predictions in this process, with one progress bar."""
     oof_parts, pool_parts = [], []
-    total = len(oof_ids) + len(fold_dirs) * len(pool_ids)
+    total = sum(map(len, assignment.values())) + len(fold_dirs) * len(pool_ids)
     where = f"{out_dir.parent.parent.name}/{out_dir.parent.name}/predictions"
     with Progress(total, where, "img") as bar:
         for k, fold_dir in fold_dirs.items():
@@ -103,9 +172,7 @@ def _predict(estimator: FoldEstimator, fold_dirs: dict[int, Path], folds: pd.Ser
                 oof_parts.append(_predict_in_chunks(estimator, fold_dir, k, assignment[k], bar))
             if pool_ids:
                 pool_parts.append(_predict_in_chunks(estimator, fold_dir, k, list(pool_ids), bar))
-    oof = pd.concat(oof_parts, ignore_index=True) if oof_parts else pd.DataFrame(columns=["image_id", "fold"])
-    pool = pd.concat(pool_parts, ignore_index=True) if pool_parts else pd.DataFrame(columns=["image_id", "fold"])
-    return estimator.write_predictions(oof, pool, out_dir)
+    return oof_parts, pool_parts
 
 
 def _predict_in_chunks(estimator: FoldEstimator, fold_dir: Path, fold: int, ids: list[str], bar: Progress) -> pd.DataFrame:
@@ -122,6 +189,14 @@ def _predict_in_chunks(estimator: FoldEstimator, fold_dir: Path, fold: int, ids:
         bar.update(len(chunk))
     non_empty = [p for p in parts if len(p)] or parts[:1]
     return pd.concat(non_empty, ignore_index=True).assign(fold=fold)
+
+
+def _predict_fold(estimator: FoldEstimator, item: tuple) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """One fold model's OOF and pool predictions (in whichever process the executor chose)."""
+    k, fold_dir, oof_ids, pool_ids = item
+    oof = estimator.predict(fold_dir, k, oof_ids).assign(fold=k) if oof_ids else None
+    pool = estimator.predict(fold_dir, k, pool_ids).assign(fold=k) if pool_ids else None
+    return oof, pool
 
 
 def trained_on(fold_dir: Path) -> set[str]:

@@ -58,11 +58,18 @@ def mean_average_precision(
     if image_ids is not None:
         keep = set(map(str, image_ids))
         preds, gts = preds[preds["image_id"].isin(keep)], gts[gts["image_id"].isin(keep)]
+    hits = hit_flags(preds, gts, iou_thr=iou_thr)
+    classes, scores = preds["class_id"].to_numpy(), preds["score"].to_numpy(np.float64)
+    gt_classes = gts["class_id"].to_numpy()
     per_class, n_gt, n_pred = {}, {}, {}
     for c, name in enumerate(names):
-        p, g = preds[preds["class_id"] == c], gts[gts["class_id"] == c]
-        n_gt[name], n_pred[name] = int(len(g)), int(len(p))
-        per_class[name] = None if len(g) == 0 else _class_ap(p, g, iou_thr=iou_thr, interpolation=interpolation)
+        rows = np.flatnonzero(classes == c)
+        n_gt[name], n_pred[name] = int((gt_classes == c).sum()), int(len(rows))
+        if n_gt[name] == 0:
+            per_class[name] = None
+            continue
+        image_rank = pd.factorize(preds["image_id"].to_numpy()[rows])[0]  # first appearance, as groupby(sort=False)
+        per_class[name] = ranked_ap(scores[rows], hits[rows], image_rank, n_gt=n_gt[name], interpolation=interpolation)
     scored = [ap for ap in per_class.values() if ap is not None]
     return {
         "map": float(np.mean(scored)) if scored else None,
@@ -71,6 +78,30 @@ def mean_average_precision(
         "n_pred": n_pred,
         "iou_thr": float(iou_thr),
     }
+
+
+def ranked_order(scores: np.ndarray, image_rank: np.ndarray) -> np.ndarray:
+    """The precision-recall ranking of one class's predictions: by score, then image, then table order."""
+    return np.lexsort((np.arange(len(scores)), image_rank, -np.asarray(scores, np.float64)))
+
+
+def ap_of_ranked(tp: np.ndarray, *, n_gt: int, interpolation: Interpolation = "all") -> float:
+    """AP from true-positive flags already in ranking order (0 when there is no prediction)."""
+    if len(tp) == 0:
+        return 0.0
+    hits = np.cumsum(tp)
+    return average_precision(recall=hits / n_gt, precision=hits / np.arange(1, len(tp) + 1), interpolation=interpolation)
+
+
+def ranked_ap(scores: np.ndarray, hits: np.ndarray, image_rank: np.ndarray, *, n_gt: int,
+              interpolation: Interpolation = "all") -> float:
+    """AP of one class from its predictions' scores and true-positive flags (in table order).
+
+    The ranking is by score, ties broken by image (``image_rank``) and then table order -- the
+    order of one precision-recall curve over the images' score-sorted predictions.
+    """
+    order = ranked_order(scores, image_rank)
+    return ap_of_ranked(np.asarray(hits, bool)[order], n_gt=n_gt, interpolation=interpolation)
 
 
 def _class_names(num_classes: int, class_names: Sequence[str] | None) -> list[str]:
@@ -100,23 +131,6 @@ def _checked(df: pd.DataFrame, what: str, num_classes: int, *, need_score: bool)
             f"outside 0..{num_classes - 1}"
         )
     return out
-
-
-def _class_ap(preds: pd.DataFrame, gts: pd.DataFrame, *, iou_thr: float, interpolation: Interpolation) -> float:
-    """AP of one class: match per image, then one precision-recall curve over all predictions."""
-    gt_by_image = {k: v[BOX_COLUMNS].to_numpy() for k, v in gts.groupby("image_id", sort=False)}
-    scores, hits = [], []
-    for image_id, p in preds.groupby("image_id", sort=False):
-        p = p.sort_values("score", ascending=False, kind="mergesort")
-        scores.append(p["score"].to_numpy(dtype=np.float64))
-        hits.append(greedy_match(p[BOX_COLUMNS].to_numpy(), gt_by_image.get(image_id, np.zeros((0, 4))), iou_thr=iou_thr))
-    if not scores:
-        return 0.0
-    order = np.argsort(-np.concatenate(scores), kind="mergesort")
-    tp = np.concatenate(hits)[order]
-    recall = np.cumsum(tp) / len(gts)
-    precision = np.cumsum(tp) / np.arange(1, len(tp) + 1)
-    return average_precision(recall=recall, precision=precision, interpolation=interpolation)
 
 
 def greedy_match(pred_boxes: np.ndarray, gt_boxes: np.ndarray, *, iou_thr: float) -> np.ndarray:
@@ -158,15 +172,29 @@ def true_positive_mask(pred: pd.DataFrame, gt: pd.DataFrame, *, iou_thr: float) 
     """Which predicted boxes match a free ground-truth box of their class and image: greedy by
     score, the rule of the mAP above. Used to choose pseudo-box thresholds on OOF and to measure
     pseudo-box precision, so those numbers agree with the metric."""
+    if pred.empty:
+        return np.zeros(0, dtype=bool)
+    cols = ["image_id", "class_id", *BOX_COLUMNS]
+    pred = pred.assign(**{c: pred[c].astype(np.float64) for c in BOX_COLUMNS})
+    gt = gt[cols].assign(**{c: gt[c].astype(np.float64) for c in BOX_COLUMNS})
+    return hit_flags(pred, gt, iou_thr=iou_thr)
+
+
+def hit_flags(pred: pd.DataFrame, gt: pd.DataFrame, *, iou_thr: float) -> np.ndarray:
+    """True-positive flag of every prediction (table order; boxes in the dtypes given): per (image,
+    class), predictions by descending score (ties: table order) each take the best free GT box.
+    One pass over the groups, positions not labels: linear in the number of boxes."""
     hits = np.zeros(len(pred), dtype=bool)
     if pred.empty:
         return hits
     gt = gt[gt["image_id"].isin(set(pred["image_id"]))]
-    gt_xyxy, pred_xyxy = gt[BOX_COLUMNS].to_numpy(np.float64), pred[BOX_COLUMNS].to_numpy(np.float64)
+    gt_xyxy, pred_xyxy = gt[BOX_COLUMNS].to_numpy(), pred[BOX_COLUMNS].to_numpy()
     score = pred["score"].to_numpy(np.float64)
     gt_rows = gt.groupby(["image_id", "class_id"]).indices if len(gt) else {}
-    for key, rows in pred.groupby(["image_id", "class_id"]).indices.items():  # positions, not labels: fast
+    no_gt = np.zeros((0, 4), dtype=gt_xyxy.dtype)
+    for key, rows in pred.groupby(["image_id", "class_id"]).indices.items():
+        if key not in gt_rows:
+            continue  # no GT box of this class on this image: every prediction is a false positive
         rows = rows[np.argsort(-score[rows], kind="mergesort")]
-        truth = gt_xyxy[gt_rows[key]] if key in gt_rows else np.zeros((0, 4))
-        hits[rows] = greedy_match(pred_xyxy[rows], truth, iou_thr=iou_thr)
+        hits[rows] = greedy_match(pred_xyxy[rows], gt_xyxy[gt_rows[key]] if key in gt_rows else no_gt, iou_thr=iou_thr)
     return hits

@@ -27,6 +27,8 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
 
+from ..datasets.errors import ConfigError
+from . import distributed
 from .config import TrainConfig
 from .predict import activate, predict_logits
 from .seg_loss import segmentation_loss
@@ -118,17 +120,14 @@ class ClassifierTrainer(Trainer):
         self.train_ds, self.val_ds = train_ds, val_ds
         device = torch.device(device)
         fast = cfg.amp and device.type == "cuda"
+        rank, self.world_size = distributed.world()
         torch.manual_seed(seed)
         if hasattr(train_ds, "reseed"):
-            train_ds.reseed(seed)
+            train_ds.reseed(seed + 7919 * rank)  # ranks augment their shares with streams of their own
+        if self.world_size > 1:
+            model = distributed.sync_batchnorm(model, device)
         model = model.to(device, memory_format=torch.channels_last if fast else torch.preserve_format)
-        generator = torch.Generator().manual_seed(seed)
-        sampler = _weighted_sampler(sampler_weights, len(train_ds), generator)
-        loader = DataLoader(
-            train_ds, batch_size=min(cfg.batch_size, len(train_ds)), shuffle=sampler is None, sampler=sampler,
-            drop_last=len(train_ds) > cfg.batch_size, num_workers=cfg.workers, generator=generator,
-            worker_init_fn=_seed_worker, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-        )
+        loader = self.build_loader(train_ds, cfg, seed, rank, device, sampler_weights)
         total = cfg.epochs * len(loader)
         optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = round(cfg.warmup_epochs * len(loader))
@@ -138,6 +137,29 @@ class ClassifierTrainer(Trainer):
                          ema_decay=cfg.ema_decay, amp=cfg.amp, patience=cfg.patience, hooks=hooks, name=name)
         self.best_metric: float | None = None
         self.precise_bn_batches = precise_bn_batches
+        self.global_batch = min(cfg.batch_size, len(train_ds))
+        self.net = distributed.wrap(model, device) if self.world_size > 1 else model
+        """What forward runs through: the model, or its DistributedDataParallel wrapper under torchrun."""
+
+    def build_loader(self, train_ds, cfg: TrainConfig, seed: int, rank: int, device: torch.device,
+                     sampler_weights=None) -> DataLoader:
+        """Shuffled (or weighted-drawn) batches of ``cfg.batch_size``; under torchrun each rank loads
+        its equal share of the very batches a one-process fit would make (``distributed.ShardedBatchSampler``)."""
+        n, common = len(train_ds), dict(num_workers=cfg.workers, worker_init_fn=_seed_worker,
+                                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+        if self.world_size == 1:
+            generator = torch.Generator().manual_seed(seed)
+            sampler = _weighted_sampler(sampler_weights, n, generator)
+            return DataLoader(train_ds, batch_size=min(cfg.batch_size, n), shuffle=sampler is None, sampler=sampler,
+                              drop_last=n > cfg.batch_size, generator=generator, **common)
+        if sampler_weights is not None:
+            raise ConfigError("weighted sampling (grader.sampling) is not available under torchrun; use uniform")
+        if cfg.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size {cfg.batch_size}: the global batch must divide by the "
+                              f"{self.world_size} torchrun processes (each takes an equal share)")
+        sampler = distributed.ShardedBatchSampler(n, min(cfg.batch_size, n), drop_last=n > cfg.batch_size, seed=seed,
+                                                  rank=rank, world_size=self.world_size)
+        return DataLoader(train_ds, batch_sampler=sampler, generator=torch.Generator().manual_seed(seed + rank), **common)
 
     def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], int]:
         """Weighted soft-target loss of one batch (logits under autocast, the loss in float32)."""
@@ -149,8 +171,13 @@ class ClassifierTrainer(Trainer):
         with self.autocast():
             if "mask" in batch and hasattr(self.model, "forward_aux"):
                 return self.aux_forward(x, y, w, batch), len(batch["image"])
-            logits = self.model(x)
-        return {"loss": weighted_loss(logits, y, w, kind=self.kind)}, len(batch["image"])
+            logits = self.net(x)
+        loss = weighted_loss(logits, y, w, kind=self.kind)
+        if self.world_size > 1 and len(x) * self.world_size != self.global_batch:
+            # unequal shares (one short batch split unevenly): DDP averages the ranks' gradients, so
+            # weigh each rank's mean by its share to keep the global batch mean
+            loss = loss * (len(x) * self.world_size / self.global_batch)
+        return {"loss": loss}, len(batch["image"])
 
     def aux_forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Class loss + the model's ``aux_weight`` x the mask loss of its auxiliary decoder head
@@ -163,6 +190,9 @@ class ClassifierTrainer(Trainer):
     def end_epoch(self) -> dict:
         """Validate, keep the best weights, decide early stopping, log one line."""
         train_loss = self.epoch_loss()
+        if self.world_size > 1:  # the global mean over every rank's samples
+            loss_sum, seen = distributed.all_sum([train_loss * self.epoch_samples(), self.epoch_samples()], self.device)
+            train_loss = loss_sum / seen
         images_per_s = self.epoch_samples() / (time.perf_counter() - self.epoch_started)
         row = {"epoch": self.epoch + 1, "train_loss": train_loss, "lr": self.lr, "images_per_s": images_per_s}
         if self.val_ds is not None and len(self.val_ds):
@@ -196,6 +226,7 @@ class ClassifierTrainer(Trainer):
                 model(x.contiguous(memory_format=torch.channels_last) if self.fast else x)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
+        distributed.average_buffers(model)  # under torchrun: each rank saw its share of the batches
         model.train(was_training)
 
     def validate(self) -> dict:
@@ -208,7 +239,8 @@ class ClassifierTrainer(Trainer):
         if self.metric_fn is not None:
             value = self.metric_fn(targets.numpy(), activate(logits, "softmax" if self.kind == "softmax" else "sigmoid"))
             metric = float(value) if value is not None and np.isfinite(value) else None
-        return {"val_loss": val_loss, "metric": metric}
+        # every rank validates the same weights; rank 0's numbers decide, so early stopping agrees
+        return distributed.from_rank0({"val_loss": val_loss, "metric": metric})
 
     def finish(self) -> None:
         """As ``Trainer.finish``; without validation the last weights get precise BN first."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import typing
 import warnings
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -161,6 +162,9 @@ class DetectorConfig:
     ("Right Lung" / "Left Lung"): a flipped right lung is a left lung."""
     workers: int = field(default=0, metadata={"ge": 0})
     """Processes for WBF fusion over images (0: in process)."""
+    devices: str = ""
+    """GPUs one YOLO fold trains on, as ultralytics names them ("0,1,2,3": its own multi-GPU DDP;
+    needs the engine installed, as its workers import it); empty: run.device. Prediction uses run.device."""
 
 
 def _segmenter_train() -> TrainConfig:
@@ -319,6 +323,18 @@ class RunConfig:
     """Write TensorBoard scalars of every fold model (losses, metric, learning rate per epoch, live)
     under <out>/tensorboard: ``tensorboard --logdir <out>``. Needs the tensorboard package (extra
     ``[tensorboard]``); the run stops with one line if it is missing."""
+    executor: Literal["local", "processes", "ray"] = "local"
+    """Where the independent fold trainings (and per-fold predictions) of a step run: local (one after
+    another in this process), processes (a process pool on this machine, one torch thread per worker)
+    or ray (Ray tasks on a cluster or a local Ray; pip install '.[ray]'). Results are the same files."""
+    fold_workers: int = 2
+    """Folds trained at once by the processes executor (and the CPUs of a local Ray)."""
+    ray_address: str = ""
+    """Ray cluster to run on ("auto", "ray://head:10001"); empty: a local Ray started for the run."""
+    ray_num_cpus_per_fold: float = 1.0
+    """CPUs each fold's Ray task asks for (and its torch threads)."""
+    ray_num_gpus_per_fold: float = 0.0
+    """GPUs each fold's Ray task asks for (a fraction shares one); Ray shows each task only its own."""
 
 
 @dataclass(frozen=True)
@@ -471,6 +487,10 @@ def check_config(cfg: EngineConfig) -> EngineConfig:
                                                           or min(g.grade_weights, default=0) < 0):
         problems.append(f"grader.grade_weights {list(g.grade_weights)}: sampling 'weights' needs "
                         f"{g.num_grades} non-negative values (grader.num_grades)")
+    devices = cfg.detector.devices
+    if devices and (cfg.detector.kind != "yolo" or not re.fullmatch(r"\d+(,\d+)*", devices)):
+        problems.append(f"detector.devices {devices!r}: a list of GPU indices such as '0,1', for detector.kind yolo "
+                        "(ultralytics' own multi-GPU); effdet trains on run.device")
     problems += _ladder_problems(cfg)
     problems += _model_problems(cfg)
     device = check_device_name(cfg.run.device)

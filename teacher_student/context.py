@@ -19,7 +19,7 @@ from ..datasets.cache import ImageCache
 from ..datasets.mask_cache import MaskCache
 from ..datasets.config import PreprocessConfig, fingerprint
 from ..datasets.table import ItemTable
-from ..loops.stages import Stage
+from ..loops.executor import Executor, LocalExecutor, StageJob, run_job
 from .config import EngineConfig
 from .layout import RunLayout
 
@@ -31,10 +31,14 @@ Loader = Callable[[str], np.ndarray]
 def run_stage(layout: RunLayout, records: list, stage_dir: Path, payload: dict, fn: Callable[[Path], Any]) -> dict:
     """Run ``fn`` as the resumable stage ``stage_dir`` (skipped when its fingerprint matches) and
     keep its record (path, seconds, reused) for the run's summary."""
-    record = Stage(stage_dir.parent, stage_dir.name, fingerprint(payload)).run(fn)
+    return keep_record(layout, records, stage_dir, StageJob(stage_dir, fingerprint(payload), fn).run())
+
+
+def keep_record(layout: RunLayout, records: list, stage_dir: Path, record: dict, where: str = "") -> dict:
+    """Add a stage's record (made in this process or by a worker) to the run's records; log it."""
     record["path"] = str(stage_dir.relative_to(layout.root))
     records.append(record)
-    verb = "reused" if record["skipped"] else f"done in {record['seconds']:.1f}s"
+    verb = "reused" if record["skipped"] else f"done in {record['seconds']:.1f}s{where}"
     log.info("stage %s %s", record["path"], verb)
     return record
 
@@ -53,9 +57,24 @@ class RunContext:
     unscored_test: frozenset = frozenset()
     """Test images left out of every test metric: duplicates of a training image
     (``folds.test_duplicates: exclude``); they would score what the models memorised."""
+    executor: Executor = field(default_factory=LocalExecutor)
+    """Where independent stages (the folds of a cross-fit) and per-fold predictions run (run.executor)."""
 
     def stage(self, stage_dir: Path, payload: dict, fn: Callable[[Path], Any]) -> dict:
+        """One stage, run in this process."""
         return run_stage(self.layout, self.records, stage_dir, payload, fn)
+
+    def stages(self, specs) -> list[dict]:
+        """Independent stages ``(stage_dir, payload, fn)``: the ones not done go to the executor
+        together (which may run them side by side elsewhere: each is written there by the same
+        atomic stage code); every record comes back here, in the order given."""
+        jobs = [StageJob(d, fingerprint(p), fn) for d, p, fn in specs]
+        pending = [i for i, job in enumerate(jobs) if not job.stage.is_done()]
+        remote = dict(zip(pending, self.executor.map(run_job, [jobs[i] for i in pending]))) if pending else {}
+        where = "" if self.executor.kind == "local" else f" ({self.executor.kind})"
+        return [keep_record(self.layout, self.records, job.stage_dir, remote[i] if i in remote else job.run(),
+                            where if i in remote else "")
+                for i, job in enumerate(jobs)]
 
     def loader(self, preprocess: PreprocessConfig | None = None) -> Loader:
         """Image loader of the preprocessing cache for these settings (the run's by default)."""

@@ -17,14 +17,15 @@ import yaml
 from ...datasets.adapters import load_dataset, load_hidden_truth
 from ...datasets.atomic import atomic_path, read_json, read_table, write_json, write_table
 from ...datasets.cache import ImageCache
-from ...datasets.config import config_to_dict
+from ...datasets.config import config_to_dict, fingerprint
 from ...datasets.errors import ConfigError, DataError
 from ...datasets.mask_cache import MaskCache
 from ...datasets.folds import assign_folds, check_no_leak, hold_out_groups
 from ...datasets.grades import with_grades
 from ...datasets.table import ItemTable, Quarantine, format_problem, load_table, save_table
 from ...loops.device import resolve_device
-from ...loops.stages import source_digest
+from ...loops.executor import Executor, LocalExecutor
+from ...loops.stages import Stage, source_digest
 from ..config import EngineConfig, detector_preprocess
 from ..layout import FOLD_REPORT, FOLDS, GROUPS, TABLE_META, RunLayout
 from ..context import RunContext, run_stage
@@ -33,7 +34,7 @@ from ..tasks.grader import grade_source
 log = logging.getLogger("cxr.cycle")
 
 
-def prepare(cfg: EngineConfig) -> RunContext:
+def prepare(cfg: EngineConfig, executor: Executor | None = None) -> RunContext:
     """Run (or reuse) the data stage and return the run's context, complete."""
     layout = RunLayout(Path(cfg.run.out), cfg.run.cache_dir)
     claim_run_folder(layout)
@@ -44,14 +45,32 @@ def prepare(cfg: EngineConfig) -> RunContext:
         make_demo(cfg, root)
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist (set --data or data.root)")
+    records: list = []
+    run_stage(layout, records, layout.data, data_payload(cfg), lambda d: build_data(cfg, layout, d))
+    return load_context(cfg, layout, records, executor)
+
+
+def data_payload(cfg: EngineConfig) -> dict:
+    """What the data stage's outputs depend on: data, preprocessing and fold settings, the source files."""
     payload = {"data": config_to_dict(cfg.data), "pre": config_to_dict(cfg.preprocess),
-               "folds": config_to_dict(cfg.folds), "source": source_digest(root)}
+               "folds": config_to_dict(cfg.folds), "source": source_digest(Path(cfg.data.root))}
     grades = [grade_source(cfg), grade_source(cfg, hidden=True)]
     if grades[0] is not None:  # only then: runs without a grader keep their data stage
         payload["grades"] = [config_to_dict(s) if s else None for s in grades]
+    return payload
+
+
+def data_done(cfg: EngineConfig, layout: RunLayout) -> bool:
+    """Whether the data stage is done for this config (read only: nothing is generated or written)."""
+    if not Path(cfg.data.root).is_dir():
+        return False
+    return Stage(layout.data.parent, layout.data.name, fingerprint(data_payload(cfg))).is_done()
+
+
+def load_context(cfg: EngineConfig, layout: RunLayout, records: list | None = None,
+                 executor: Executor | None = None) -> RunContext:
+    """The run's context from a finished data stage (reads only)."""
     device = resolve_device(cfg.run.device)
-    records: list = []
-    run_stage(layout, records, layout.data, payload, lambda d: build_data(cfg, layout, d))
     table = load_table(layout.data)
     truth = load_table(layout.truth) if (layout.truth / TABLE_META).exists() else None
     folds = read_table(layout.data / FOLDS).set_index("image_id")["fold"]
@@ -60,7 +79,8 @@ def prepare(cfg: EngineConfig) -> RunContext:
     report_quarantine(table)
     duplicates = read_json(layout.data / FOLD_REPORT).get("test_duplicates_of_training", [])
     unscored = frozenset(duplicates) if cfg.folds.test_duplicates == "exclude" else frozenset()
-    return RunContext(cfg, layout, table, truth, folds, device, records, unscored_test=unscored)
+    return RunContext(cfg, layout, table, truth, folds, device, records if records is not None else [],
+                      unscored_test=unscored, executor=executor or LocalExecutor())
 
 
 def claim_run_folder(layout: RunLayout) -> None:

@@ -12,14 +12,17 @@ scored like every generation (OOF and the held-out test part):
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from ...datasets.adapters import training_boxes
 from ...datasets.grades import GRADE
 from ...datasets.table import ItemTable
+from ...loops.crossfit import cross_fit
 from ..context import RunContext
 from ..summary import dig
-from .generation import train_generation
+from .generation import CrossFit
 
 ORACLE, ABLATION = "oracle", "ablation"
 GAINS = (("classifier_auc", ("classifier", "test", "auc_macro")), ("detector_map", ("detector", "test", "map")),
@@ -45,35 +48,51 @@ def truth_table(ctx: RunContext) -> ItemTable:
     return ctx.table.replace(items=items, boxes=boxes)
 
 
-def ablation(ctx: RunContext, tasks: list, gen: int) -> dict | None:
+def ablation_fits(ctx: RunContext, tasks: list, gen: int) -> list[CrossFit]:
     """Generation ``gen``'s recipe on the labeled images only (no pseudo labels, no soft targets)."""
     if not ctx.cfg.run.ablation or gen < 1:
-        return None
-    out: dict = {"generation": gen}
-    for task in tasks:
-        pred = train_generation(ctx, task, gen, None, None, task_dir=ctx.layout.reference(ABLATION, task.name))
-        out[task.name] = task.score(pred)
-        out[f"{task.name}_model"] = task.model_name(gen)
-    return out
+        return []
+    return [CrossFit(task, gen, ctx.layout.reference(ABLATION, task.name)) for task in tasks]
 
 
-def oracle(ctx: RunContext, tasks: list, gen: int) -> dict | None:
+def oracle_fits(ctx: RunContext, tasks: list, gen: int) -> list[CrossFit]:
     """Generation ``gen``'s recipe on every label, trained towards convergence: the ceiling."""
     if ctx.truth is None or not ctx.cfg.run.oracle:
-        return None
+        return []
     table = truth_table(ctx)
     pool = table.items["role"].eq("unlabeled")
     run = ctx.cfg.run
-    out: dict = {"generation": gen, "steps_factor": run.oracle_steps, "patience": run.oracle_patience}
+    fits = []
     for task in tasks:
-        reference = type(task)(ctx, table)
         known = table.items[LABEL_FLAG[task.name]] if task.name in LABEL_FLAG else table.items[GRADE].notna()
         extra = tuple(table.items.loc[pool & known, "image_id"])
-        pred = train_generation(ctx, reference, gen, None, None, task_dir=ctx.layout.reference(ORACLE, task.name),
-                                extra_ids=extra, steps_factor=run.oracle_steps, patience=run.oracle_patience)
-        out[task.name] = reference.score(pred)
-        out[f"{task.name}_model"] = task.model_name(gen)
+        fits.append(CrossFit(type(task)(ctx, table), gen, ctx.layout.reference(ORACLE, task.name), extra_ids=extra,
+                             steps_factor=run.oracle_steps, patience=run.oracle_patience))
+    return fits
+
+
+def reference_record(fits: list[CrossFit], preds: dict[str, Path], gen: int, **recipe) -> dict | None:
+    """A reference's scores (OOF, test), per task, from its trained cross-fits."""
+    if not fits:
+        return None
+    out: dict = {"generation": gen, **recipe}
+    for fit in fits:
+        out[fit.task.name] = fit.task.score(preds[fit.task.name])
+        out[f"{fit.task.name}_model"] = fit.task.model_name(gen)
     return out
+
+
+def references(ctx: RunContext, tasks: list, gen: int) -> tuple[dict | None, dict | None]:
+    """Train (or reuse) the ablation and the oracle -- all their folds side by side when the
+    executor can -- and score them."""
+    abl, orc = ablation_fits(ctx, tasks, gen), oracle_fits(ctx, tasks, gen)
+    jobs = [fit.job(ctx) for fit in abl + orc]
+    preds = cross_fit(*jobs, runner=ctx)
+    abl_preds = {fit.task.name: p for fit, p in zip(abl, preds[:len(abl)])}
+    orc_preds = {fit.task.name: p for fit, p in zip(orc, preds[len(abl):])}
+    run = ctx.cfg.run
+    return (reference_record(abl, abl_preds, gen),
+            reference_record(orc, orc_preds, gen, steps_factor=run.oracle_steps, patience=run.oracle_patience))
 
 
 def gains(gens: list[dict], ablation_rec: dict | None, oracle_rec: dict | None) -> dict:

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from ...datasets.atomic import read_json, write_json
 from ...datasets.config import config_to_dict
+from ...loops.crossfit import StageSpec
+from ...loops.executor import Executor, make_executor
 from ...loops.stages import file_digest, hold_lock
-from ..config import EngineConfig, ladder_value
+from ..config import EngineConfig, RunConfig, ladder_value
 from ..context import RunContext
 from ..layout import CLASSIFIER, DETECTOR, SEGMENTER, RunLayout
 from ..tasks.base import Task
@@ -22,52 +24,59 @@ from ..tasks.registry import TASK_KINDS
 from .data_stage import claim_run_folder, prepare
 from .cascade import cascade_stage
 from .final_stage import final_stage
-from .generation import train_generation
-from .references import ablation, gains, oracle
+from .generation import generation_fit, train_fits
+from .references import gains, references
 from .selection import select_stage
 
 log = logging.getLogger("cxr.cycle")
 
 
 def run_cycles(cfg: EngineConfig) -> dict:
-    """Run data preparation, generation 0 and ``cfg.run.cycles`` teacher -> student cycles, holding
-    the run folder's lock throughout (one run per folder: a second one is refused with one line)."""
+    """Run data preparation, generation 0 and ``cfg.run.cycles`` teacher -> student cycles, the
+    independent folds of each step on the configured executor (``run.executor``), holding the run
+    folder's lock throughout (one run per folder: a second one is refused with one line)."""
     layout = RunLayout(Path(cfg.run.out), cfg.run.cache_dir)
     claim_run_folder(layout)
     with hold_lock(layout.lock, what=f"run.out {layout.root}"):
-        return _run_cycles(cfg)
+        executor = run_executor(cfg.run)
+        try:
+            return _run_cycles(cfg, executor)
+        finally:
+            executor.close()
 
 
-def _run_cycles(cfg: EngineConfig) -> dict:
+def run_executor(run: RunConfig) -> Executor:
+    return make_executor(run.executor, workers=run.fold_workers, ray_address=run.ray_address,
+                         ray_num_cpus=run.ray_num_cpus_per_fold, ray_num_gpus=run.ray_num_gpus_per_fold)
+
+
+def run_tasks(ctx: RunContext) -> list[Task]:
+    """The run's task kinds (run.tasks) that have labels in its data."""
+    return [task for task in (TASK_KINDS[name](ctx) for name in ctx.cfg.run.tasks) if task.enabled()]
+
+
+def _run_cycles(cfg: EngineConfig, executor: Executor) -> dict:
     started = time.perf_counter()
     if cfg.run.tensorboard:
         from ...loops.tensorboard import require_tensorboard
 
         require_tensorboard()
-    ctx = prepare(cfg)
-    tasks = [task for task in (TASK_KINDS[name](ctx) for name in cfg.run.tasks) if task.enabled()]
+    ctx = prepare(cfg, executor)
+    tasks = run_tasks(ctx)
     detector = next((t for t in tasks if t.name == DETECTOR), None)
-    preds = {t.name: train_generation(ctx, t, 0, None, None) for t in tasks}
+    preds = train_fits(ctx, [generation_fit(ctx, t, 0) for t in tasks])
     gens, cycles = [generation_record(ctx, tasks, 0, preds)], []
     for cycle in range(1, cfg.run.cycles + 1):
         rec = select_stage(ctx, tasks, preds, cycle)
         write_reports(ctx, [cycle], "first look: its student is training next; refreshed when the run ends")
-        pseudo_dir = ctx.layout.pseudo(cycle)
-        preds = {t.name: train_generation(ctx, t, cycle, pseudo_dir, preds[t.name]) for t in tasks}
+        preds = train_fits(ctx, [generation_fit(ctx, t, cycle) for t in tasks])
         gens.append(generation_record(ctx, tasks, cycle, preds))
         cycles.append({"cycle": cycle, "pseudo": rec["result"], "teacher": gens[cycle - 1]["generation"],
                        "student": cycle})
-    det = detector
-    final = {"result": None}
-    if CLASSIFIER in preds:
-        payload = {"cls": file_digest(preds[CLASSIFIER]), "det": file_digest(preds[DETECTOR]) if det else None,
-                   "gate": config_to_dict(cfg.gate)}
-        final = ctx.stage(ctx.layout.final, payload,
-                          lambda d: final_stage(ctx, det, preds[CLASSIFIER], preds.get(DETECTOR), d))
+    final = ctx.stage(*final_spec(ctx, detector, preds)) if CLASSIFIER in preds else {"result": None}
     masks = next((t for t in tasks if t.name == SEGMENTER), None)
     cascade = cascade_stage(ctx, masks, preds) if masks else None
-    last = cfg.run.cycles
-    ablation_rec, oracle_rec = ablation(ctx, tasks, last), oracle(ctx, tasks, last)
+    ablation_rec, oracle_rec = references(ctx, tasks, cfg.run.cycles)
     summary = {"generations": gens, "cycles": cycles, "ablation": ablation_rec, "oracle": oracle_rec,
                "gains": gains(gens, ablation_rec, oracle_rec), "cascade": cascade,
                "gate": final["result"] or None, "data": read_json(ctx.layout.marker(ctx.layout.data))["result"],
@@ -76,6 +85,13 @@ def _run_cycles(cfg: EngineConfig) -> dict:
     write_json(ctx.layout.summary, summary)
     write_reports(ctx, list(range(1, cfg.run.cycles + 1)))
     return summary
+
+
+def final_spec(ctx: RunContext, detector: Task | None, preds: dict[str, Path]) -> StageSpec:
+    """The final stage (gate, gated predictions, submissions) of the last generation's predictions."""
+    payload = {"cls": file_digest(preds[CLASSIFIER]), "det": file_digest(preds[DETECTOR]) if detector else None,
+               "gate": config_to_dict(ctx.cfg.gate)}
+    return ctx.layout.final, payload, lambda d: final_stage(ctx, detector, preds[CLASSIFIER], preds.get(DETECTOR), d)
 
 
 def generation_record(ctx: RunContext, tasks: list[Task], gen: int, preds: dict[str, Path]) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...datasets.config import config_to_dict
+from ...loops.crossfit import StageSpec
 from ...loops.stages import file_digest
 from ..context import RunContext
 from ..layout import CLASSIFIER, DETECTOR, GRADER, SEGMENTER
@@ -13,6 +14,11 @@ from ..tasks.base import Task
 
 def select_stage(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], cycle: int) -> dict:
     """Run (or reuse) ``cycle<c>/pseudo``; return its record (``result``: per task, its selection info)."""
+    return ctx.stage(*select_spec(ctx, tasks, teachers, cycle))
+
+
+def select_spec(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], cycle: int) -> StageSpec:
+    """The pseudo-label stage of ``cycle`` from the teachers' predictions (which must exist: digested)."""
     cfg = ctx.cfg
     payload = {"teacher": file_digest(teachers[CLASSIFIER]) if CLASSIFIER in teachers else None,
                "detector": file_digest(teachers[DETECTOR]) if DETECTOR in teachers else None,
@@ -25,4 +31,4 @@ def select_stage(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], 
     def select(out_dir: Path) -> dict:
         return {task.name: task.select(teachers, out_dir, cycle) for task in tasks}
 
-    return ctx.stage(ctx.layout.pseudo(cycle), payload, select)
+    return ctx.layout.pseudo(cycle), payload, select

@@ -135,6 +135,12 @@ def _ultralytics_device(device: torch.device) -> str:
     return device.type
 
 
+def gpu_list(device: str) -> str | None:
+    """"0,1,2" (``detector.devices``): the GPUs of ultralytics' own multi-GPU training; None for one device."""
+    text = str(device).replace(" ", "")
+    return text if "," in text and all(part.isdigit() for part in text.split(",")) else None
+
+
 def _single_channel(data_yaml: Path) -> Path:
     """Add ``channels: 1`` to an export's data.yaml: ultralytics then reads the PNGs as gray
     (H, W, 1) and builds a 1-channel model, as the timm classifiers are."""
@@ -184,18 +190,20 @@ class YoloDetector(Detector):
 
         workdir = Path(workdir).resolve()
         self._set_img_size(img_size)
-        dev = resolve_device(device)
+        gpus = gpu_list(device)
+        dev = resolve_device("cuda:" + gpus.split(",")[0] if gpus else device, key="detector.devices")
         self._remember_input(load, str(train_ids[0]))
         data_yaml = self._export(train_ids, val_ids, boxes_df, load, workdir / "yolo_data")
         model = YOLO(self.name)
         self.history = []
-        model.add_callback("on_fit_epoch_end", self._epoch_logger(log))
         bar = _StepProgress(run_name or f"yolo {self.name}")
-        model.add_callback("on_train_batch_end", bar.step)
+        if not gpus:  # ultralytics' DDP workers rebuild the trainer elsewhere: this process's hooks cannot go along
+            model.add_callback("on_fit_epoch_end", self._epoch_logger(log))
+            model.add_callback("on_train_batch_end", bar.step)
         overrides = dict(
             data=str(data_yaml), epochs=int(epochs), batch=int(batch_size), nbs=int(batch_size), imgsz=self.img_size,
             lr0=float(lr), patience=int(patience),
-            optimizer="AdamW", cos_lr=True, device=_ultralytics_device(dev), workers=0 if dev.type == "cpu" else 2,
+            optimizer="AdamW", cos_lr=True, device=gpus or _ultralytics_device(dev), workers=0 if dev.type == "cpu" else 2,
             seed=int(seed), deterministic=True, amp=dev.type == "cuda", plots=False, project=str(workdir),
             name="yolo_train", exist_ok=True, verbose=False, val=patience > 0, cache=False,
             warmup_epochs=min(3.0, 0.1 * int(epochs)),

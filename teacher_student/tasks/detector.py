@@ -142,7 +142,8 @@ class DetectorTask(Task):
                                   epochs=plan.epochs, batch_size=dc.batch_size, lr=dc.lr, img_size=dc.img_size,
                                   randaugment_n=ladder_value(dc.randaugment_n, gen),
                                   randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
-                                  device=str(self.ctx.device), seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
+                                  device=dc.devices or str(self.ctx.device),
+                                  seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
                                   log=on_epoch, run_name=run_name, patience=plan.patience)
         finally:
             if scalars is not None:
