@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from cxr_noisy_student.datasets.config import config_to_dict
 
     if args.config_reference:
-        from cxr_noisy_student.teacher_student.config import config_reference_markdown
+        from cxr_noisy_student.teacher_student.config_reference import config_reference_markdown
 
         print(config_reference_markdown())
         return 0

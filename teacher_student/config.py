@@ -16,12 +16,13 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from ..datasets.config import DataConfig, FoldConfig, PreprocessConfig, config_to_dict, fingerprint, range_problem
 from ..datasets.errors import ConfigError
 from ..loops.config import TrainConfig
 from ..loops.device import check_device_name
+from .config_yaml import apply_overrides, deep_merge, read_yaml
+from .config_tasks import CascadeConfig, GraderConfig, SegmenterConfig  # noqa: F401  (sections of EngineConfig)
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 """The built-in configs: ``demo.yaml`` (the default of ``run_cycle.py``) and worked examples."""
@@ -167,114 +168,6 @@ class DetectorConfig:
     needs the engine installed, as its workers import it); empty: run.device. Prediction uses run.device."""
 
 
-def _segmenter_train() -> TrainConfig:
-    return TrainConfig(epochs=30, batch_size=16, lr=3e-3, warmup_epochs=2.0)
-
-
-@dataclass(frozen=True)
-class CascadeConfig:
-    """The final classification -> segmentation cascade (SIIM-ACR): P(positive) gates the mask."""
-
-    mode: Literal["hard", "soft", "off"] = "hard"
-    """hard: below the threshold the image gets an empty mask; soft: mask probability x P(positive); off."""
-    threshold: float = 0.5
-    """hard mode: P(positive) below this empties the mask (tuned on OOF unless tune_on_oof is off)."""
-    tune_on_oof: bool = True
-    """Choose the gate threshold and the pixel threshold on OOF predictions for the best mean dice,
-    empty images included (an empty answer on an empty image scores 1)."""
-
-
-@dataclass(frozen=True)
-class SegmenterConfig:
-    """Masks (teacher_student.tasks.segmenter): smp models over timm encoders, pseudo masks, the cascade."""
-
-    ladder: tuple[str, ...] = ("Unet:tu-efficientnet_b0", "Unet:tu-efficientnet_b1", "Unet:tu-efficientnet_b2")
-    """segmentation_models_pytorch architecture and encoder per generation, 'Arch:encoder' (Unet, FPN,
-    UnetPlusPlus...; tu-<name> is any timm encoder). One input channel, encoder_weights None."""
-    decoder_channels: tuple[int, ...] = ()
-    """Unet / Unet++ decoder widths, one per encoder stage (empty: smp's 256, 128, 64, 32, 16); narrow
-    ones make tiny CPU models (the demo's 64, 32, 16, 16, 8 costs a third of the default's time)."""
-    drop_rate: tuple[float, ...] = (0.0, 0.1, 0.2)
-    """Dropout before the segmentation head, per generation (student noise)."""
-    drop_path_rate: tuple[float, ...] = (0.0, 0.1, 0.2)
-    """Stochastic depth of the timm encoder, per generation (student noise)."""
-    randaugment_n: tuple[int, ...] = (0, 2, 2)
-    """Mask-safe RandAugment ops per generation (0: light teacher augmentation)."""
-    randaugment_m: tuple[int, ...] = (0, 6, 9)
-    """Mask-safe RandAugment magnitude (0..30) per generation."""
-    hflip: bool = True
-    """Flip augmentation and flip TTA (flipped back before averaging). Off for lateralised masks."""
-    dice_weight: float = 1.0
-    """Loss = BCE + dice_weight x soft dice, per image."""
-    empty_weight: float = 1.0
-    """Loss weight of images whose (ground-truth or pseudo) mask is empty. SIIM-ACR's segmenters
-    trained mostly on positive images and left the empty ones to the classifier's gate: with few
-    small lesions, full-weight empty images teach a from-scratch model to draw nothing at all
-    (measured on the demo: 1.0 -> every mask empty; 0.1 -> dice 0.38 on the positive test images)."""
-    student_steps: float = 1.0
-    """As classifier.student_steps: optimizer steps of mask students and the ablation, as a multiple of the teacher's."""
-    train: TrainConfig = field(default_factory=_segmenter_train)
-    pixel_threshold: float = 0.0
-    """Probability from which a pixel is foreground; 0: chosen on OOF for the best mean dice."""
-    confidence: Literal["inside", "agreement"] = "inside"
-    """Image-level confidence of a pseudo mask: inside = mean probability inside the mask (1 - the
-    peak probability for an empty one); agreement = the fold models' mean pairwise dice."""
-    target_dice: float = 0.85
-    """Pseudo masks: the lowest confidence whose OOF images reach this mean dice (per-image) is the
-    threshold; images below it are not used."""
-    min_oof_support: int = 10
-    """Confidence thresholds read from fewer OOF images than this are weak evidence (flagged); with
-    no threshold reaching target_dice, the top fallback_k pool images are kept instead (flagged)."""
-    fallback_k: int = 0
-    """Pool images kept when no threshold reaches target_dice; 0: none."""
-    pseudo_mode: Literal["hard", "soft"] = "hard"
-    """hard: the student learns the pseudo mask thresholded at the pixel threshold; soft: the probabilities."""
-    pseudo_weight: float = 1.0
-    """Loss weight of pseudo-masked images relative to labeled ones."""
-    cascade: CascadeConfig = field(default_factory=CascadeConfig)
-
-
-@dataclass(frozen=True)
-class GraderConfig:
-    """The ordinal grader (``run.tasks`` includes "grader"): a grade 0..K-1 per image, cumulative
-    targets with BCE, thresholds chosen on OOF for the best QWK and saved in the checkpoint."""
-
-    num_grades: int = 5
-    """K: grades are integers 0..K-1 (the model has K-1 sigmoid outputs, one per step "grade >= k")."""
-    grade_column: str = "grade"
-    """Column of grades_csv holding the grade (the shared set: geographic_mean)."""
-    grades_csv: str = ""
-    """CSV with image_id and grade_column, relative to data.root; empty: the demo's grades.csv, or
-    data.images_csv for the generic format. An empty cell is an unknown grade; a bad one is quarantined."""
-    grade_rounding: Literal["none", "nearest"] = "none"
-    """none: a non-integer grade is bad input (quarantined); nearest: round half up, floor(x + 0.5),
-    for grades that are means of several raters."""
-    ladder: tuple[str, ...] = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3")
-    """timm model per generation (K-1 outputs): ladder[0] is the cycle-0 teacher, ladder[c] the student of cycle c."""
-    drop_rate: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4)
-    """Dropout before the head, per generation (student noise)."""
-    drop_path_rate: tuple[float, ...] = (0.0, 0.1, 0.2, 0.2)
-    """Stochastic depth, per generation (student noise)."""
-    pretrained: str = ""
-    """As classifier.pretrained: empty random init, 'timm', or a local state dict."""
-    student_steps: float = 1.0
-    """Optimizer steps of grader students and the ablation as a multiple of the teacher's."""
-    sampling: Literal["uniform", "inverse_frequency", "weights"] = "uniform"
-    """How training samples are drawn: uniform shuffling; inverse_frequency (WeightedRandomSampler,
-    every grade as often); weights (grade_weights per grade)."""
-    grade_weights: tuple[float, ...] = ()
-    """Per-grade draw weights (num_grades values) for sampling: weights."""
-    selection_metric: Literal["qwk", "loss"] = "qwk"
-    """The epoch kept: best validation QWK (expected grade rounded; thresholds are fitted after) or lowest loss."""
-    min_margin: float = 0.25
-    """A pseudo grade is kept when its expected grade lies at least this far (in grades) from the
-    nearest threshold (ignored if target_accuracy > 0). Balancing, the starving-grade fallback,
-    soft/hard targets, temperature, labeled_blend and weight: the pseudo.* settings, per grade."""
-    target_accuracy: float = 0.0
-    """If > 0, per grade the lowest margin whose OOF predictions of that grade are right this often."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
 @dataclass(frozen=True)
 class GateConfig:
     mode: Literal["hard", "soft", "off"] = "hard"
@@ -391,6 +284,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Literal:
+        if value is False and "off" in args:  # YAML 1.1 reads a bare off (mode=off on the command line) as false
+            value = "off"
         if not isinstance(value, (str, int, float, bool)) or value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{_hint(str(value), [str(a) for a in args])}")
         return value
@@ -554,32 +449,6 @@ def _detector_model_known(kind: str, name: str) -> bool:
     return name in efficientdet_model_param_dict
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'detector.epochs=3' -> (['detector', 'epochs'], 3) with YAML scalar parsing of the value."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({_yaml_problem(err)})") from None
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply key.sub=value overrides to a plain dict (validated later by config_from_dict)."""
-    data = json.loads(json.dumps(data))
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}': '{part}' is not a section")
-        node[path[-1]] = value
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> EngineConfig:
     """Defaults <- base dict <- YAML file <- overrides, validated into frozen dataclasses."""
     data: dict = json.loads(json.dumps(base or {}))
@@ -588,85 +457,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, preprocess, ...), got "
                               f"{type(loaded).__name__}")
-        data = _deep_merge(data, loaded)
+        data = deep_merge(data, loaded)
     return config_from_dict(apply_overrides(data, overrides or []))
-
-
-def read_yaml(path: Path) -> Any:
-    """A config file's YAML ({} when empty); one ConfigError line when it is missing, a folder, or not YAML."""
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder, not a YAML config file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the config file ({type(err).__name__}: {err})") from None
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's error as one line: what is wrong, and the line and column where it was found."""
-    mark = getattr(err, "problem_mark", None)
-    what = getattr(err, "problem", None) or str(err).splitlines()[0]
-    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark else " ".join(str(err).split())
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def with_changes(cfg: Any, **changes: Any) -> Any:
     """dataclasses.replace, named for readability at call sites."""
     return replace(cfg, **changes)
-
-
-def config_reference() -> list[tuple[str, str, str]]:
-    """(key, default, description) for every config key, descriptions taken from the docstrings
-    under each field of the section classes (the README's config reference is generated from this)."""
-    rows: list[tuple[str, str, str]] = []
-
-    def walk(cls: type, prefix: str) -> None:
-        docs = _field_docs(cls)
-        default = cls()
-        for f in fields(cls):
-            value = getattr(default, f.name)
-            if is_dataclass(value):
-                walk(type(value), f"{prefix}{f.name}.")
-            else:
-                shown = json.dumps(list(value) if isinstance(value, tuple) else value)
-                rows.append((f"{prefix}{f.name}", shown, docs.get(f.name, "")))
-
-    walk(EngineConfig, "")
-    return rows
-
-
-REFERENCE_START = "<!-- config reference: generated by `python run_cycle.py --config-reference` -->"
-REFERENCE_END = "<!-- end of config reference -->"
-
-
-def config_reference_markdown() -> str:
-    """The README's config table, between its two marker lines (a test compares them)."""
-    lines = [REFERENCE_START, "| key | default | meaning |", "|---|---|---|"]
-    lines += [f"| `{key}` | `{default}` | {doc} |" for key, default, doc in config_reference()]
-    return "\n".join(lines + [REFERENCE_END])
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each annotated field of a dataclass, read from its source."""
-    import ast
-    import inspect
-    import textwrap
-
-    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
-    docs: dict[str, str] = {}
-    for stmt, nxt in zip(node.body, node.body[1:] + [None]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
-    return docs

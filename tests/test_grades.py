@@ -18,7 +18,7 @@ from cxr_noisy_student.datasets.table import ItemTable, empty_boxes
     ("2.7", "nearest", 3.0, None), ("2.3", "nearest", 2.0, None), ("0.5", "nearest", 1.0, None),
     ("2.5", "none", np.nan, "is not an integer"), ("five", "none", np.nan, "is not a number"),
     ("9", "none", np.nan, "outside 0..8"), ("-0.3", "nearest", np.nan, "outside 0..8"),
-    ("inf", "none", np.nan, "not a finite number"),
+    ("inf", "none", np.nan, "is not a number"),  # strict numbers (datasets.adapters.common.parse_number)
 ])
 def test_parse_grade(text, rounding, grade, problem):
     value, why = parse_grade(text, num_grades=9, rounding=rounding)

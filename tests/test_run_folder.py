@@ -113,7 +113,7 @@ def test_the_lock_is_held_for_the_whole_run_and_refuses_in_process_too(data_root
     (["--cycles", "-1"], "run.cycles: -1 is out of range: must be >= 0"),
     (["--set", "folds.k=1"], "folds.k: 1 is out of range: must be >= 2"),
     (["--set", "pseudo.confidence=2"], "pseudo.confidence: 2.0 is out of range: must be <= 1"),
-    (["--set", "detector.kind=effdet"], "detector.img_size 64: effdet needs a multiple of 128"),
+    (["--set", "detector.kind=effdet", "--set", "detector.img_size=96"], "detector.img_size 96: effdet needs a multiple of 128"),
 ])
 def test_command_line_config_errors_are_one_line_and_exit_code_2(args, message, capsys, tmp_path):
     assert run_cycle.main([*args, "--out", str(tmp_path / "run")]) == 2

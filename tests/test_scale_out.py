@@ -142,9 +142,9 @@ def test_a_run_submitted_wave_by_wave_through_sbatch_is_the_local_run(tiny, tmp_
            **ONE_THREAD, "YOLO_OFFLINE": "1"}
     result = subprocess.run(["bash", str(ROOT / "docs" / "slurm" / "submit.sh"), str(config), str(out)], cwd=ROOT,
                             env={**os.environ, **env}, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:] + (out / "slurm").joinpath("finish.log").read_text()[-2000:]
+    assert result.returncode == 0, result.stderr[-3000:] + (tmp_path / "slurm-run-slurm").joinpath("finish.log").read_text()[-2000:]
     assert "wave 1: 2 stage(s)" in result.stdout  # the two gen0 folds: one array job
-    fold_log = (out / "slurm" / "wave1-2.log").read_text()
+    fold_log = (tmp_path / "slurm-run-slurm" / "wave1-2.log").read_text()
     assert "gen0/classifier/fold1: done" in fold_log
     summary = json.loads((out / "summary.json").read_text())
     assert all(s["skipped"] for s in summary["stages"])  # the finishing job only reused stages

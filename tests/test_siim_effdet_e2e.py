@@ -102,7 +102,7 @@ def test_effdet_checkpoints_carry_the_preprocessing_and_prediction_reads_it(run)
     from cxr_noisy_student.datasets.cache import ImageCache
     from cxr_noisy_student.datasets.config import config_to_dict
     from cxr_noisy_student.datasets.errors import DataError
-    from cxr_noisy_student.teacher_student.config import load_config
+    from cxr_noisy_student.teacher_student.config import detector_preprocess, load_config
     from cxr_noisy_student.teacher_student.cycle.data_stage import prepare
     from cxr_noisy_student.teacher_student.detectors import load_detector
     from cxr_noisy_student.teacher_student.tasks.detector import DetectorTask
@@ -112,7 +112,8 @@ def test_effdet_checkpoints_carry_the_preprocessing_and_prediction_reads_it(run)
     ctx = prepare(cfg)  # the finished run's data stage, reused
     fold_dir = out / "gen1" / "detector" / "fold0"
     detector = load_detector(fold_dir / "detector.pt")
-    assert detector.kind == "effdet" and detector.preprocess == config_to_dict(cfg.preprocess)
+    own = detector_preprocess(cfg)  # the run's preprocessing at the detector's input size
+    assert detector.kind == "effdet" and detector.preprocess == config_to_dict(own)
     ids = ctx.ids("test")[:3]
     before = DetectorTask(ctx).predict(fold_dir, 0, ids)
     changed = dataclasses.replace(cfg.preprocess, size=32, mean=0.3, std=0.4)
@@ -123,5 +124,5 @@ def test_effdet_checkpoints_carry_the_preprocessing_and_prediction_reads_it(run)
     with pytest.raises(DataError, match="the preprocessing differs from training"):
         detector.predict(ids, moved.loader())
     detector.mean = 0.3  # the test would notice a detector that took the run's mean
-    assert not detector.predict(ids, ctx.loader(), conf_floor=0.0)[["score"]].equals(
-        load_detector(fold_dir / "detector.pt").predict(ids, ctx.loader(), conf_floor=0.0)[["score"]])
+    assert not detector.predict(ids, ctx.loader(own), conf_floor=0.0)[["score"]].equals(
+        load_detector(fold_dir / "detector.pt").predict(ids, ctx.loader(own), conf_floor=0.0)[["score"]])

@@ -239,7 +239,8 @@ class YoloDetector(Detector):
             record = {"epoch": min(int(trainer.epoch) + 1, int(trainer.epochs)), "epochs": int(trainer.epochs), "final": final}
             if getattr(trainer, "tloss", None) is not None:
                 record.update(trainer.label_loss_items(trainer.tloss, prefix="train"))
-            record.update(trainer.metrics or {})
+            if getattr(trainer.args, "val", True) or record["epoch"] == record["epochs"]:
+                record.update(trainer.metrics or {})  # without val, only the last epoch's are measured, not zeros
             record = plain_types(record)
             self.history.append(record)
             if not final:
