@@ -88,8 +88,9 @@ soon as its pseudo labels exist (open index.html while the next cycle trains).
 """
 
 
-USAGE = """run_cycle.py [--config YAML] [--data DIR] [--out DIR] [--cycles N] [--set KEY=VALUE ...] [options]
-       run_cycle.py export --run DIR [--cycle N] --format {csv,yolo,coco,submission} --dest PATH [--include-labeled]
+USAGE = """run_cycle.py [run] [--config YAML] [--data DIR] [--out DIR] [--cycles N] [--set KEY=VALUE ...] [--only STAGE] [options]
+       run_cycle.py plan [--config YAML] [--out DIR] [--format {table,tsv,json}]
+       run_cycle.py export --run DIR [--cycle N] --format {csv,yolo,coco,masks,submission} --dest PATH [--include-labeled]
        run_cycle.py --version"""
 
 SUBCOMMANDS = """\

@@ -40,10 +40,12 @@ log = logging.getLogger("cxr.cycle")
 
 @dataclass(frozen=True)
 class BoxTrainingSet:
-    """One fold detector's training boxes (an image of the plan without rows is a negative)."""
+    """One fold detector's training boxes (an image of the plan without rows is a negative) and the
+    ground-truth boxes of its validation images (never trained on: they only score epochs)."""
 
     boxes: pd.DataFrame
     generation: int
+    val_boxes: pd.DataFrame | None = None
 
 
 class DetectorTask(Task):
@@ -112,8 +114,12 @@ class DetectorTask(Task):
             ids, boxes = training_set(gt, train_ids, p_boxes, p_images)
             epochs = matched_epochs(dc.epochs, len(train_ids) - len(extra_ids), len(ids),
                                     self.steps_factor(gen, steps_factor))
-            plans.append(FoldPlan(fold, BoxTrainingSet(boxes, gen), tuple(ids), tuple(val_ids), epochs,
-                                  {"ids": ids, "boxes": fingerprint(boxes.round(6).to_dict("list"))}, patience=patience))
+            val_boxes = gt[gt["image_id"].isin(set(val_ids))]
+            payload = {"ids": ids, "boxes": fingerprint(boxes.round(6).to_dict("list"))}
+            if patience or dc.kind == "effdet":  # validation then chooses the weights (YOLO scores only its last epoch)
+                payload["val_boxes"] = fingerprint(val_boxes.round(6).to_dict("list"))
+            plans.append(FoldPlan(fold, BoxTrainingSet(boxes, gen, val_boxes), tuple(ids), tuple(val_ids), epochs,
+                                  payload, patience=patience))
         return plans
 
     # ------------------------------------------------------------------ one fold
@@ -121,6 +127,8 @@ class DetectorTask(Task):
         """Train one fold detector of a generation and write its checkpoint."""
         dc = self.cfg.detector
         gen, boxes = plan.train.generation, plan.train.boxes
+        if plan.train.val_boxes is not None:  # the export labels the validation images too (disjoint from training)
+            boxes = pd.concat([boxes, plan.train.val_boxes], ignore_index=True)
         name = self.model_name(gen)
         detector = create_detector(dc.kind, name, len(self.table.box_classes), list(self.table.box_classes), dc.img_size,
                                    preprocess=detector_preprocess(self.cfg))
@@ -152,7 +160,7 @@ class DetectorTask(Task):
         records = [r for r in detector.history if isinstance(r, dict) and not r.get("final")]
         write_json(out_dir / HISTORY, {"history": records, "curve": epoch_curve(records)})
         return {"model": name, "epochs": plan.epochs, "train_images": len(set(plan.train_ids)),
-                "train_boxes": int(len(boxes)), "fit": result if isinstance(result, dict) else None}
+                "train_boxes": int(len(plan.train.boxes)), "fit": result if isinstance(result, dict) else None}
 
     # ------------------------------------------------------------------ prediction
     def predict(self, fold_dir: Path, fold: int, image_ids: Sequence[str]) -> pd.DataFrame:
