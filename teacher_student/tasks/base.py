@@ -88,6 +88,13 @@ class Task(abc.ABC):
         """Images every fold model predicts: the pool, plus what the task needs per fold model."""
         return self.pool_ids()
 
+    def images_without(self, has_label: pd.Series) -> list[str]:
+        """The pool of a task kind: the run's unlabeled and test images, and its labeled images
+        without this kind's label (``has_label``: one flag per item row)."""
+        items = self.ctx.table.items
+        pool = items["role"].isin(["unlabeled", "test"]) | (items["role"].eq("labeled") & ~has_label.astype(bool))
+        return items.loc[pool, "image_id"].tolist()
+
     # ------------------------------------------------------------------ training
     @abc.abstractmethod
     def payload(self, gen: int) -> dict:

@@ -67,9 +67,7 @@ class ClassifierTask(Task):
     def pool_ids(self) -> list[str]:
         """Unlabeled and test images, and labeled ones without a study label: the detector's
         negatives and the gate read P(abnormal) of every image."""
-        items = self.ctx.table.items
-        pool = items["role"].isin(["unlabeled", "test"]) | ((items["role"] == "labeled") & ~items["has_study_label"])
-        return items.loc[pool, "image_id"].tolist()
+        return self.images_without(self.ctx.table.items["has_study_label"])
 
     def every_fold_ids(self) -> list[str]:
         """The pool and the labeled images: a student fold blends its targets with its own teacher

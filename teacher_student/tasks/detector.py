@@ -62,9 +62,7 @@ class DetectorTask(Task):
 
     def pool_ids(self) -> list[str]:
         """Unlabeled + test images, and labeled images nobody drew boxes on."""
-        items = self.ctx.table.items
-        pool = items["role"].isin(["unlabeled", "test"]) | ((items["role"] == "labeled") & ~items["box_labeled"])
-        return items.loc[pool, "image_id"].tolist()
+        return self.images_without(self.ctx.table.items["box_labeled"])
 
     def model_name(self, gen: int) -> str:
         return ladder_value(self.cfg.detector.ladder, gen)

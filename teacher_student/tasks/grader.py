@@ -19,7 +19,7 @@ test are cut with the ensemble's thresholds (from all OOF).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +45,7 @@ from ..layout import (CHECKPOINT, GRADE_PSEUDO, GRADE_PSEUDO_INFO, GRADE_SELECTI
                       LABELED_FOLDS, OOF, POOL, POOL_FOLDS, cumulative_columns, fold_of_model, pseudo_fold_dir)
 from ..models import create_classifier, load_classifier
 from .base import Task, assert_fold_lineage, fold_seed, of_fold, seed_everything, student_totals, warn_starving
+from .classifier import TrainingSet
 
 log = logging.getLogger("cxr.cycle")
 
@@ -70,18 +71,11 @@ def grade_source(cfg: EngineConfig, *, hidden: bool = False) -> GradeSource | No
 
 
 @dataclass(frozen=True)
-class GradeTrainingSet:
-    """What one fold grader trains on: ids (repeated by balancing copies), cumulative targets,
-    loss weights, and each sample's grade (what class-weighted sampling draws by)."""
+class GradeTrainingSet(TrainingSet):
+    """The classifier's training set with cumulative targets and each sample's grade (what
+    class-weighted sampling draws by; not part of the fingerprint, which the targets already fix)."""
 
-    image_ids: list[str]
-    targets: np.ndarray
-    weights: np.ndarray
-    grades: np.ndarray
-    generation: int = 0
-
-    def fingerprint_payload(self) -> dict:
-        return {"ids": self.image_ids, "targets": np.round(self.targets, 6).tolist(), "weights": self.weights.tolist()}
+    grades: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 class GraderTask(Task):
@@ -110,9 +104,8 @@ class GraderTask(Task):
 
     def pool_ids(self) -> list[str]:
         """Unlabeled and test images, and labeled images without a grade (the shared set grades 61 of 251)."""
-        items, graded = self.ctx.table.items, graded_ids(self.ctx.table)
-        pool = items["role"].isin(["unlabeled", "test"]) | ((items["role"] == "labeled") & ~items["image_id"].isin(graded))
-        return items.loc[pool, "image_id"].tolist()
+        items = self.ctx.table.items
+        return self.images_without(items["image_id"].isin(graded_ids(self.ctx.table)))
 
     def every_fold_ids(self) -> list[str]:
         """The pool and the labeled images: a student fold blends its targets with its own teacher fold's."""
@@ -126,10 +119,16 @@ class GraderTask(Task):
 
     # ------------------------------------------------------------------ plans
     def payload(self, gen: int) -> dict:
-        cfg = self.cfg
-        return {"grader": config_to_dict(cfg.grader), "augment": config_to_dict(cfg.augment),
-                "pre": config_to_dict(cfg.preprocess), "pseudo": config_to_dict(cfg.pseudo), "seed": cfg.run.seed,
-                "gen": gen}
+        """Generation ``gen``'s own rung and training settings (as ClassifierTask.payload): how
+        pseudo grades are chosen reaches a student through its training set's fingerprint, so a
+        change to the students' recipe never retrains the teacher."""
+        cfg, gc = self.cfg, self.cfg.grader
+        return {"model": self.model_name(gen), "num_grades": gc.num_grades, "pretrained": gc.pretrained,
+                "drop_rate": ladder_value(gc.drop_rate, gen), "drop_path_rate": ladder_value(gc.drop_path_rate, gen),
+                "randaugment": [ladder_value(cfg.augment.randaugment_n, gen), ladder_value(cfg.augment.randaugment_m, gen)],
+                "tta_hflip": cfg.augment.tta_hflip, "sampling": gc.sampling, "grade_weights": list(gc.grade_weights),
+                "selection_metric": gc.selection_metric, "train": config_to_dict(gc.train),
+                "pre": config_to_dict(cfg.preprocess), "seed": cfg.run.seed, "gen": gen}
 
     def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None, extra_ids: Sequence[str] = (),
                    *, steps_factor: float | None = None, patience: int = 0) -> list[FoldPlan]:
@@ -183,8 +182,8 @@ class GraderTask(Task):
             targets.append(np.repeat(soft_t, repeats, axis=0))
             weights.append(np.full(int(repeats.sum()), pc.weight, np.float32))
             sample_grades.append(np.repeat(pseudo_grades, repeats))
-        return GradeTrainingSet(ids, np.concatenate(targets).astype(np.float32), np.concatenate(weights),
-                                np.concatenate(sample_grades).astype(int), gen)
+        return GradeTrainingSet(ids, np.concatenate(targets).astype(np.float32), np.concatenate(weights), gen,
+                                grades=np.concatenate(sample_grades).astype(int))
 
     # ------------------------------------------------------------------ one fold
     def fit_fold(self, plan: FoldPlan, out_dir: Path) -> dict:

@@ -70,9 +70,7 @@ class SegmenterTask(Task):
     def pool_ids(self) -> list[str]:
         """Unlabeled + test images, and labeled images nobody drew a mask on (the mask pool)."""
         items = self.ctx.table.items
-        masked = items["mask_labeled"] if "mask_labeled" in items else False
-        pool = items["role"].isin(["unlabeled", "test"]) | ((items["role"] == "labeled") & ~masked)
-        return items.loc[pool, "image_id"].tolist()
+        return self.images_without(items["mask_labeled"] if "mask_labeled" in items else items["role"].isna())
 
     def candidate_ids(self) -> list[str]:
         """The pool images pseudo masks may be made for (never the test part)."""
