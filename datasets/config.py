@@ -104,9 +104,12 @@ class FoldConfig:
     phash_max_distance: int = field(default=4, metadata={"ge": 0, "le": 64})
     """DCT perceptual-hash Hamming distance (of 64 bits) up to which two images are one duplicate
     group (pixel-identical images always are). Measured on the shared set: re-encoded copies at 0,
-    a known near-duplicate at 2, the closest unrelated films at 6; see datasets/cache.py."""
+    a known near-duplicate at 2, the closest unrelated films at 6; see datasets/cache.py. Images
+    that are all alike (the demo's synthetic ones: unrelated pairs at 2) chain into one group at 4:
+    the log warns (fold_report chained_groups); use 0 there."""
     test_duplicates: Literal["exclude", "report"] = "exclude"
-    """A test image in one patient/duplicate group with a labeled (training) image: exclude leaves it
+    """A test image that duplicates a labeled (training) image -- the same pixels, or a perceptual
+    hash within phash_max_distance; a direct link, not a chain through a group: exclude leaves it
     out of every test metric (it would score what the models memorised), report only lists it in
     data/fold_report.json (test_duplicates_of_training) and the log."""
 

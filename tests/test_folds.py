@@ -16,7 +16,8 @@ from PIL import Image
 from cxr_noisy_student.datasets.adapters.generic import load_cxr_covid, load_generic
 from cxr_noisy_student.datasets.cache import dct_phash
 from cxr_noisy_student.datasets.readers import read_image
-from cxr_noisy_student.datasets.folds import assign_folds, check_no_leak, duplicate_groups, fold_strata
+from cxr_noisy_student.datasets.folds import (assign_folds, chained_groups, check_no_leak, duplicate_groups,
+                                              duplicate_links, fold_strata)
 from cxr_noisy_student.datasets.errors import DataError
 
 CROSS_PATIENT_PAIRS = [("cxr_0132", "cxr_0208"), ("cxr_0133", "cxr_0209"), ("cxr_0134", "cxr_0210"),
@@ -134,6 +135,28 @@ def test_duplicates_across_roles_are_listed_as_pairs_and_test_copies_of_training
     pairs = {(p["image_a"], p["role_a"], p["image_b"], p["role_b"]) for p in report["cross_role_pairs"]}
     assert pairs == {("i0", "labeled", "i9", "unlabeled"), ("i3", "labeled", "i10", "test")}
     assert report["test_duplicates_of_training"] == ["i10"]  # i11 duplicates nothing; i9 is no test image
+
+
+def test_a_chain_of_similar_images_is_one_group_but_only_direct_links_are_duplicates():
+    """a ~ b ~ c (2 bits apart each) but a and c are 4 bits apart: one group, yet the test image c
+    duplicates no training image -- the demo once lost 199 of its 360 test images
+    to such a chain -- and a group this large is reported as chained."""
+    n = 12
+    items = _synthetic_items(n)
+    items.loc[[10, 11], "role"] = "test"
+    items.loc[5, ["role", "y:a", "y:b"]] = ["unlabeled", np.nan, np.nan]
+    chain = {0: 0b0000, 5: 0b0011, 11: 0b1111}  # i0 (labeled) ~ i5 (unlabeled) ~ i11 (test)
+    phash = [f"{chain.get(i, (i + 1) * 0x0F0F0F0F00):016x}" for i in range(n)]
+    hashes = pd.DataFrame({"image_id": items["image_id"], "pixel_hash": [f"h{i}" for i in range(n)], "phash": phash})
+    result = assign_folds(items, hashes, k=3, seed=1, phash_max_distance=2)
+    assert result.groups["i0"] == result.groups["i5"] == result.groups["i11"]
+    assert result.report["test_duplicates_of_training"] == []
+    assert {(p["image_a"], p["image_b"]) for p in result.report["cross_role_pairs"]} == {("i0", "i5"), ("i5", "i11")}
+    links = duplicate_links(hashes, phash_max_distance=2)
+    assert list(links.itertuples(index=False, name=None)) == [("i0", "i5"), ("i5", "i11")]
+    chained = chained_groups(duplicate_groups(hashes, 2, links=links), links, min_images=3, min_share=0.2)
+    assert chained == [{"group": 0, "images": 3, "share": 0.25, "direct_links": 2}]
+    assert result.report["chained_groups"] == []  # 3 images: under the default 10
 
 
 def test_fewer_groups_than_folds_fails_with_one_line():

@@ -142,6 +142,7 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     fa = assign_folds(table.items, cache.hashes(), k=cfg.folds.k, seed=cfg.folds.seed,
                       phash_max_distance=cfg.folds.phash_max_distance)  # every role: duplicates across roles too
     report_test_duplicates(fa.report, cfg.folds.test_duplicates)
+    report_chained_groups(fa.report)
     save_table(stage_dir, table)
     write_table(stage_dir / FOLDS, fa.folds.rename("fold").rename_axis("image_id").reset_index())
     write_table(stage_dir / GROUPS, fa.groups.rename("group").rename_axis("image_id").reset_index())
@@ -202,6 +203,15 @@ def report_test_duplicates(report: dict, policy: str) -> None:
         log.warning("%d test images duplicate a labeled (training) image (e.g. %s); folds.test_duplicates %s: %s",
                     len(found), found[0], policy,
                     "left out of every test metric" if policy == "exclude" else "still scored (report only)")
+
+
+def report_chained_groups(report: dict) -> None:
+    """One warning per duplicate group too large to be copies of one case (folds.chained_groups)."""
+    for group in report.get("chained_groups", []):
+        log.warning("folds.phash_max_distance %d ties %d images (%.0f%% of the data) into one duplicate group "
+                    "through chains of similar perceptual hashes: those images are kept in one fold; if they are "
+                    "not copies of one case, lower folds.phash_max_distance (0: pixel-identical images only)",
+                    report["phash_max_distance"], group["images"], 100 * group["share"])
 
 
 def hold_out_test(cfg: EngineConfig, table: ItemTable, hashes: pd.DataFrame) -> ItemTable:
