@@ -150,7 +150,7 @@ def duplicate_groups(hashes: pd.DataFrame, phash_max_distance: int = 0, links: p
 def chained_groups(duplicates: pd.Series, links: pd.DataFrame, *, min_images: int = 10,
                    min_share: float = 0.02) -> list[dict]:
     """Duplicate groups too large to be copies of one case: at least ``min_images`` images and
-    ``min_share`` of all, tied mostly through chains of near perceptual hashes.
+    ``min_share`` of all (``direct_links``: how many links inside tie them).
 
     Why it matters: a group is kept in one fold and its test images are checked against training;
     when the images of a set are alike (synthetic images, one scanner's flat fields) a perceptual
