@@ -70,7 +70,7 @@ class SegmenterTask(Task):
     def pool_ids(self) -> list[str]:
         """Unlabeled + test images, and labeled images nobody drew a mask on (the mask pool)."""
         items = self.ctx.table.items
-        return self.images_without(items["mask_labeled"] if "mask_labeled" in items else items["role"].isna())
+        return self.images_without(items.get("mask_labeled", pd.Series(False, index=items.index)))
 
     def candidate_ids(self) -> list[str]:
         """The pool images pseudo masks may be made for (never the test part)."""
