@@ -90,8 +90,17 @@ def mean_sd(values: list) -> str:
     values = [v for v in values if isinstance(v, (int, float))]
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} +/- {sd:.3f}"
+    return f"{statistics.mean(values):.3f} +/- {spread(values):.3f}"
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def column_stat(values: list, stat) -> float | None:
+    """``stat`` of the numbers among ``values`` (None when there are none)."""
+    values = [v for v in values if isinstance(v, (int, float))]
+    return stat(values) if values else None
 
 
 def print_report(rows: list[dict]) -> None:
@@ -105,8 +114,9 @@ def print_report(rows: list[dict]) -> None:
             s, d = r["scores"][task], r["diff"][task]
             print(f"  {r['seed']:<8}" + "".join(f"{_f(s.get(n)):>10}" for n in names)
                   + f"{_f(d['student_minus_ablation'], True):>10}{_f(d['student_minus_teacher'], True):>10}")
-        print(f"  {'mean+/-sd':<8}" + "".join(f"{mean_sd([r['scores'][task].get(n) for r in rows]):>10}"[-10:]
-                                             for n in names))
+        for label, stat in (("mean", statistics.mean), ("sd", spread)):
+            print(f"  {label:<8}" + "".join(f"{_f(column_stat([r['scores'][task].get(n) for r in rows], stat)):>10}"
+                                            for n in names))
         for key in ("student_minus_ablation", "student_minus_teacher"):
             vals = [r["diff"][task][key] for r in rows if r["diff"][task][key] is not None]
             positive = sum(v > 0 for v in vals)
@@ -125,7 +135,8 @@ def print_report(rows: list[dict]) -> None:
             if c.get("grader"):
                 print(f"  seed {r['seed']} cycle {c['cycle']}: grades {c['grader'].get('kept_per_grade')} exact vs "
                       f"truth {_f(c['grader'].get('precision'))}")
-    print("\nwall seconds per seed: " + ", ".join(f"{r['seed']}: {r['wall_s']}" for r in rows))
+    print("\nwall seconds per seed (a resumed run counts only what it redid): "
+          + ", ".join(f"{r['seed']}: {r['wall_s']}" for r in rows))
 
 
 def _f(value, signed: bool = False) -> str:

@@ -19,20 +19,8 @@ def format_summary(summary: dict) -> str:
     """One row per generation and per reference model: classifier AUC/accuracy (OOF, test),
     detector mAP (OOF, test), the pseudo labels the generation's folds trained on and their
     precision against hidden truth; then the gains against the named baselines."""
-    head = (f"{'gen':>4} {'classifier':<18} {'AUC oof':>8} {'AUC test':>8} {'acc test':>8} "
-            f"{'detector':<16} {'mAP oof':>8} {'mAP test':>8} {'pseudo':>7} {'prec':>6} {'boxes':>6} {'bprec':>6}")
-    lines = [head, "-" * len(head)]
     pseudo = {c["cycle"]: c.get("pseudo", {}) for c in summary.get("cycles", [])}
-    for g in summary.get("generations", []):
-        p = pseudo.get(g["generation"], {})
-        trained = (dig(p, "classifier", "students", "total"), dig(p, "classifier", "students", "precision"),
-                   dig(p, "detector", "students", "total"), dig(p, "detector", "students", "precision"))
-        lines.append(_row(str(g["generation"]), g.get("model"), g.get("detector_model"), g, trained))
-    for tag, key, note in (("abl", "ablation", "student recipe, labeled only"),
-                           ("orc", "oracle", "student recipe, every label, longer")):
-        ref = summary.get(key)
-        if ref:
-            lines.append(_row(tag, ref.get("classifier_model"), ref.get("detector_model"), ref, None) + f"  ({note})")
+    lines = class_box_lines(summary, pseudo)
     lines += mask_lines(summary, pseudo)
     lines += grader_lines(summary)
     lines += gain_lines(summary.get("gains") or {})
@@ -42,6 +30,27 @@ def format_summary(summary: dict) -> str:
                      f"test mAP with 'No finding' {_fmt(dig(gate, 'test', 'ungated'))} -> {_fmt(dig(gate, 'test', 'gated'))}")
     lines.append(f"wall time {summary.get('wall_seconds', 0):.0f} s")
     return "\n".join(lines)
+
+
+def class_box_lines(summary: dict, pseudo: dict) -> list[str]:
+    """Classifier and detector rows; none when the run trained neither (a segmenter-only run)."""
+    gens = summary.get("generations", [])
+    if not any(g.get("classifier") or g.get("detector") for g in gens):
+        return []
+    head = (f"{'gen':>4} {'classifier':<18} {'AUC oof':>8} {'AUC test':>8} {'acc test':>8} "
+            f"{'detector':<16} {'mAP oof':>8} {'mAP test':>8} {'pseudo':>7} {'prec':>6} {'boxes':>6} {'bprec':>6}")
+    lines = [head, "-" * len(head)]
+    for g in gens:
+        p = pseudo.get(g["generation"], {})
+        trained = (dig(p, "classifier", "students", "total"), dig(p, "classifier", "students", "precision"),
+                   dig(p, "detector", "students", "total"), dig(p, "detector", "students", "precision"))
+        lines.append(_row(str(g["generation"]), g.get("model"), g.get("detector_model"), g, trained))
+    for tag, key, note in (("abl", "ablation", "student recipe, labeled only"),
+                           ("orc", "oracle", "student recipe, every label, longer")):
+        ref = summary.get(key)
+        if ref:
+            lines.append(_row(tag, ref.get("classifier_model"), ref.get("detector_model"), ref, None) + f"  ({note})")
+    return lines
 
 
 def _row(tag: str, model, det_model, rec: dict, trained: tuple | None) -> str:

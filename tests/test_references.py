@@ -37,3 +37,13 @@ def test_the_final_table_shows_references_and_gains():
     text = format_summary(summary)
     assert " abl " in text and " orc " in text
     assert "student - ablation +0.050" in text and "gap closed 0.50" in text
+
+
+def test_a_segmenter_only_table_has_no_classifier_or_detector_rows():
+    masks = lambda dice: {"segmenter": {"oof": {"dice": dice}, "test": {"dice": dice, "iou": dice - 0.1}}}
+    summary = {"generations": [{"generation": 0, "segmenter_model": "Unet:t", **masks(0.90)},
+                               {"generation": 1, "segmenter_model": "Unet:t", **masks(0.92)}],
+               "ablation": {"segmenter_model": "Unet:t", **masks(0.91)}, "wall_seconds": 3}
+    text = format_summary(summary)
+    assert "AUC oof" not in text and "mAP test" not in text
+    assert "dice test" in text and " abl " in text and "0.920" in text

@@ -133,3 +133,22 @@ def test_run_tasks_may_be_a_segmenter_alone_only_without_a_cascade():
         load_config(None, ["run.tasks=segmenter"])
     with pytest.raises(ConfigError, match="not one of"):
         load_config(None, ["run.tasks=classifier,segmentor"])
+
+
+def test_plan_lists_the_cascade_stage_as_done_by_the_run(run):
+    result = run_cli("plan", "--config", str(run.parent / "seg.yaml"), "--out", str(run), "--format", "json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["stage"]: row for row in json.loads(result.stdout)}
+    assert rows["cascade"]["inputs"] == "gen1/segmenter/predictions, gen1/classifier/predictions"
+    assert rows["cascade"]["status"] == "done"  # the runner's stage has the fingerprint plan computes
+    assert {row["status"] for row in rows.values()} == {"done"}
+
+
+def test_a_student_knob_does_not_retrain_the_teacher_or_the_references(run):
+    result = run_cli("plan", "--config", str(run.parent / "seg.yaml"), "--out", str(run), "--format", "json",
+                     "--set", "segmenter.pseudo_mode=soft")
+    assert result.returncode == 0, result.stderr[-2000:]
+    status = {row["stage"]: row["status"] for row in json.loads(result.stdout)}
+    assert status["gen0/segmenter/fold0"] == status["ablation/segmenter/fold1"] == status["oracle/segmenter/fold0"] == "done"
+    assert status["cycle1/pseudo"] == "done"  # how masks are chosen did not change, only how students read them
+    assert status["gen1/segmenter/fold0"] == status["gen1/segmenter/fold1"] == "stale"

@@ -33,13 +33,19 @@ from ..tasks.segmenter import SegmenterTask
 from ..tasks.segmenter_select import load_npz
 
 
-def cascade_stage(ctx: RunContext, task: SegmenterTask, preds: dict[str, Path]) -> dict | None:
-    """Run (or reuse) the cascade stage on the last generation's predictions; return its result."""
+def cascade_spec(ctx: RunContext, task: SegmenterTask, preds: dict[str, Path]):
+    """``(stage_dir, payload, fn)`` of the cascade stage on the last generation's predictions (the
+    runner and ``run --only cascade`` build it here, so both have one fingerprint)."""
     payload = {"seg": file_digest(preds[SEGMENTER]),
                "cls": file_digest(preds[CLASSIFIER]) if CLASSIFIER in preds else None,
                "cascade": config_to_dict(ctx.cfg.segmenter.cascade), "pixel": ctx.cfg.segmenter.pixel_threshold,
                "rle": ctx.cfg.data.mask_rle}
-    return ctx.stage(ctx.layout.cascade, payload, lambda d: run_cascade(ctx, task, preds, d))["result"]
+    return ctx.layout.cascade, payload, lambda d: run_cascade(ctx, task, preds, d)
+
+
+def cascade_stage(ctx: RunContext, task: SegmenterTask, preds: dict[str, Path]) -> dict | None:
+    """Run (or reuse) the cascade stage on the last generation's predictions; return its result."""
+    return ctx.stage(*cascade_spec(ctx, task, preds))["result"]
 
 
 def positive_probability(ctx: RunContext, preds: dict[str, Path], ids: list[str]) -> np.ndarray:

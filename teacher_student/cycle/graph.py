@@ -9,7 +9,7 @@ has (Slurm array jobs, one per wave: README) then runs a cycle's independent fol
 and nothing is scheduled here.
 
 Stages are built by the same functions the runner uses (``generation.CrossFit``,
-``selection.select_spec``, ``runner.final_spec``), so a stage run alone has exactly the fingerprint
+``selection.select_spec``, ``runner.final_spec``, ``cascade.cascade_spec``), so a stage run alone has exactly the fingerprint
 the whole run gives it, and a later plain run reuses it.
 
 Statuses: ``done`` (outputs there, made by this config and these inputs), ``ready`` (inputs done,
@@ -32,7 +32,8 @@ from ...loops.executor import Executor, StageJob
 from ...loops.stages import Stage
 from ..config import EngineConfig
 from ..context import RunContext, keep_record
-from ..layout import CLASSIFIER, DETECTOR, RunLayout
+from ..layout import CLASSIFIER, DETECTOR, SEGMENTER, RunLayout
+from .cascade import cascade_spec
 from .data_stage import data_done, load_context, prepare
 from .generation import CrossFit, generation_fit
 from .references import ABLATION, ORACLE, ablation_fits, oracle_fits
@@ -50,7 +51,7 @@ class Node:
 
     path: str
     kind: str
-    """data, fold, predictions, pseudo or final."""
+    """data, fold, predictions, pseudo, final or cascade."""
     inputs: tuple[str, ...]
     wave: int
     """1 + the highest wave of its inputs (data: 0): stages of one wave never read each other."""
@@ -103,7 +104,10 @@ class StageGraph:
         for cycle in range(1, cfg.run.cycles + 1):
             pseudo = self._add(f"cycle{cycle}/pseudo", "pseudo", [preds[t] for t in tasks])
             preds = {t: self._add_fit(f"gen{cycle}/{t}", [pseudo, preds[t]]) for t in tasks}
-        self._add("final", "final", [preds[t] for t in tasks])
+        if CLASSIFIER in tasks:  # the runner's final stage gates with the classifier
+            self._add("final", "final", [preds[t] for t in tasks])
+        if SEGMENTER in tasks:
+            self._add("cascade", "cascade", [preds[t] for t in (SEGMENTER, CLASSIFIER) if t in tasks])
         references = ([ABLATION] if cfg.run.ablation and cfg.run.cycles >= 1 else []) + ([ORACLE] if self.has_oracle() else [])
         for ref in references:
             for t in tasks:
@@ -159,6 +163,10 @@ class StageGraph:
             last = self.cfg.run.cycles
             detector = next((t for t in tasks if t.name == DETECTOR), None)
             return final_spec(ctx, detector, {t.name: ctx.layout.predictions(last, t.name) for t in tasks})
+        if node.kind == "cascade":
+            last = self.cfg.run.cycles
+            segmenter = next(t for t in tasks if t.name == SEGMENTER)
+            return cascade_spec(ctx, segmenter, {t.name: ctx.layout.predictions(last, t.name) for t in tasks})
         raise ValueError(f"no stage spec for {node.kind} {node.path}")
 
     # ------------------------------------------------------------------ status

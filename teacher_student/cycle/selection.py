@@ -17,6 +17,12 @@ def select_stage(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], 
     return ctx.stage(*select_spec(ctx, tasks, teachers, cycle))
 
 
+def mask_selection_settings(sc) -> dict:
+    """The segmenter settings that choose pseudo masks (not how students read or weigh them)."""
+    keys = ("pixel_threshold", "confidence", "target_dice", "min_oof_support", "fallback_k", "hflip")
+    return {k: getattr(sc, k) for k in keys}
+
+
 def select_spec(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], cycle: int) -> StageSpec:
     """The pseudo-label stage of ``cycle`` from the teachers' predictions (which must exist: digested)."""
     cfg = ctx.cfg
@@ -24,7 +30,7 @@ def select_spec(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], c
                "detector": file_digest(teachers[DETECTOR]) if DETECTOR in teachers else None,
                "pseudo": config_to_dict(cfg.pseudo), "det": config_to_dict(cfg.detector), "seed": cfg.run.seed}
     if SEGMENTER in teachers:  # keyed only when present, so runs without masks keep their fingerprints
-        payload["segmenter"] = [file_digest(teachers[SEGMENTER]), config_to_dict(cfg.segmenter)]
+        payload["segmenter"] = [file_digest(teachers[SEGMENTER]), mask_selection_settings(cfg.segmenter)]
     if GRADER in teachers:  # only then, so runs without a grader keep their fingerprints
         payload[GRADER] = {"teacher": file_digest(teachers[GRADER]), "config": config_to_dict(cfg.grader)}
 

@@ -92,8 +92,16 @@ class SegmenterTask(Task):
 
     # ------------------------------------------------------------------ plans
     def payload(self, gen: int) -> dict:
-        cfg = self.cfg
-        return {"segmenter": config_to_dict(cfg.segmenter), "pre": config_to_dict(cfg.preprocess),
+        """What makes generation ``gen``'s mask models: its own rung of every ladder and the training
+        settings, not the whole section -- so a change to a student's recipe, to how pseudo masks
+        are chosen (which reaches training through the training set's fingerprint) or to the
+        cascade never retrains the teacher or the references."""
+        cfg, sc = self.cfg, self.cfg.segmenter
+        return {"model": self.model_name(gen), "drop_rate": ladder_value(sc.drop_rate, gen),
+                "drop_path_rate": ladder_value(sc.drop_path_rate, gen),
+                "randaugment": [ladder_value(sc.randaugment_n, gen), ladder_value(sc.randaugment_m, gen)],
+                "decoder_channels": list(sc.decoder_channels), "hflip": sc.hflip, "dice_weight": sc.dice_weight,
+                "train": config_to_dict(sc.train), "pre": config_to_dict(cfg.preprocess),
                 "tta": cfg.augment.tta_hflip, "seed": cfg.run.seed, "gen": gen}
 
     def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None, extra_ids: Sequence[str] = (),
@@ -123,7 +131,8 @@ class SegmenterTask(Task):
             epochs = matched_epochs(sc.train.epochs, len(train_ids) - len(extra_ids), len(ids),
                                     self.steps_factor(gen, steps_factor))
             plans.append(FoldPlan(fold, MaskTrainingSet(ids, pseudo, threshold, weights, gen), tuple(ids),
-                                  tuple(val_ids), epochs, {"ids": ids, "pseudo": digest, "weights": weights.tolist()},
+                                  tuple(val_ids), epochs, {"ids": ids, "pseudo": digest, "weights": weights.tolist(),
+                                                           "pseudo_mode": sc.pseudo_mode if pseudo else None},
                                   patience=patience))
         return plans
 
