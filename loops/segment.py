@@ -30,10 +30,10 @@ class SegmentationTrainer(ClassifierTrainer):
     """The classifier's loop with masks: BCE + dice per batch, mean per-image dice at 0.5 to validate."""
 
     def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, *, device, hooks=(), log=print, seed=0,
-                 precise_bn_batches=20, name=None, dice_weight: float = 1.0):
+                 precise_bn_batches=20, name=None, dice_weight: float = 1.0, sampler_weights=None):
         self.dice_weight = float(dice_weight)
         super().__init__(model, train_ds, val_ds, cfg, loss="bce", metric_fn=None, device=device, hooks=hooks, log=log,
-                         seed=seed, precise_bn_batches=precise_bn_batches, name=name)
+                         seed=seed, precise_bn_batches=precise_bn_batches, name=name, sampler_weights=sampler_weights)
 
     def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], int]:
         x = batch["image"].to(self.device, non_blocking=True)
@@ -56,11 +56,12 @@ class SegmentationTrainer(ClassifierTrainer):
 
 def fit_segmenter(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig, *,
                   device: torch.device | str = "cpu", hooks: Sequence[Hook] = (), log: Callable[[str], None] = print,
-                  seed: int = 0, name: str | None = None, dice_weight: float = 1.0) -> FitResult:
+                  seed: int = 0, name: str | None = None, dice_weight: float = 1.0,
+                  sampler_weights=None) -> FitResult:
     """Train a segmentation model in place; on return it holds the best-dice epoch's weights (the
     last without ``val_ds``). Arguments as ``loops.train.fit``."""
     trainer = SegmentationTrainer(model, train_ds, val_ds, cfg, device=device, hooks=hooks, log=log, seed=seed,
-                                  name=name, dice_weight=dice_weight)
+                                  name=name, dice_weight=dice_weight, sampler_weights=sampler_weights)
     trainer.train()
     return trainer.result()
 

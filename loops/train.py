@@ -153,7 +153,8 @@ class ClassifierTrainer(Trainer):
             return DataLoader(train_ds, batch_size=min(cfg.batch_size, n), shuffle=sampler is None, sampler=sampler,
                               drop_last=n > cfg.batch_size, generator=generator, **common)
         if sampler_weights is not None:
-            raise ConfigError("weighted sampling (grader.sampling) is not available under torchrun; use uniform")
+            raise ConfigError("weighted sampling (grader.sampling, pseudo.labeled_share) is not available under torchrun; "
+                              "use uniform draws (inverse_frequency off, labeled_share 0)")
         if cfg.batch_size % self.world_size:
             raise ConfigError(f"train.batch_size {cfg.batch_size}: the global batch must divide by the "
                               f"{self.world_size} torchrun processes (each takes an equal share)")

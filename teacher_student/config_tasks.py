@@ -74,6 +74,12 @@ class SegmenterConfig:
     """hard: the student learns the pseudo mask thresholded at the pixel threshold; soft: the probabilities."""
     pseudo_weight: float = 1.0
     """Loss weight of pseudo-masked images relative to labeled ones."""
+    labeled_share: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    """Share of a student's draws that are ground-truth images (drawn with replacement); 0: every
+    image once per epoch. Why: at matched optimizer steps pseudo masks dilute the labeled images (a
+    student with as many pseudo as labeled images sees each labeled one half as often as the
+    ablation). Measured on cxr_lungs (seed 0): 0.75 left test dice where 0 had it (0.922 vs 0.921;
+    ablation 0.928) -- the dilution is not what holds the student back there."""
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
 

@@ -261,6 +261,23 @@ def balance_classes(selection: pd.DataFrame, *, per_class: int = 0, seed: int = 
     return pd.concat(parts).sort_values("image_id").reset_index(drop=True)
 
 
+def labeled_share_weights(is_pseudo, *, share: float) -> np.ndarray | None:
+    """Draw weights giving ground-truth images ``share`` of a student's draws and pseudo-labeled
+    (or pseudo-masked) ones the rest, each image equally likely within its kind; None (uniform,
+    every image once per epoch) when ``share`` is 0 or one kind is absent.
+
+    Why: at matched optimizer steps, pseudo labels dilute the labeled images -- with as many
+    pseudo as labeled images a student sees each labeled one half as often as the ablation does.
+    """
+    pseudo = np.asarray(is_pseudo, bool)
+    n_pseudo, n_true = int(pseudo.sum()), int((~pseudo).sum())
+    if share <= 0 or not n_pseudo or not n_true:
+        return None
+    if not 0 < share < 1:
+        raise ValueError(f"labeled share must be in [0, 1), got {share}")
+    return np.where(pseudo, (1 - share) / n_pseudo, share / n_true)
+
+
 def pseudo_targets(probs: np.ndarray, *, mode: LabelMode, target: Literal["soft", "hard"], temperature: float) -> np.ndarray:
     """The student's targets for pseudo-labeled images, built from stored raw probabilities."""
     if target == "hard":

@@ -180,3 +180,22 @@ def test_an_image_with_a_lesion_the_teacher_was_unsure_of_is_left_out():
     assert images.set_index("image_id")["status"].to_dict() == {"a": "partial", "b": "boxes", "c": "negative",
                                                                 "d": "uncertain"}
     assert boxes["image_id"].tolist() == ["b"] and images.set_index("image_id").loc["a", "n_unsure"] == 1
+
+
+def test_labeled_share_weights_give_ground_truth_its_share_of_the_draws():
+    w = pseudo.labeled_share_weights([False, False, True, True, True, True], share=0.5)
+    np.testing.assert_allclose(w, [0.25, 0.25, 0.125, 0.125, 0.125, 0.125])  # 2 x 0.25 = 4 x 0.125 = half
+    assert pseudo.labeled_share_weights([False, True], share=0.0) is None  # off: every image once per epoch
+    assert pseudo.labeled_share_weights([False, False], share=0.5) is None  # no pseudo mask: nothing to share with
+    with pytest.raises(ValueError, match="labeled share"):
+        pseudo.labeled_share_weights([False, True], share=1.0)
+
+
+def test_a_classifier_training_set_draws_its_labeled_rows_at_their_share():
+    from cxr_noisy_student.teacher_student.tasks.classifier import TrainingSet
+
+    ts = TrainingSet(["a", "b", "p", "p", "q"], np.zeros((5, 2)), np.ones(5), pseudo_count=3, labeled_share=0.5)
+    np.testing.assert_allclose(ts.sampler_weights(), [0.25, 0.25, 1 / 6, 1 / 6, 1 / 6])
+    assert ts.fingerprint_payload()["labeled_share"] == 0.5
+    plain = TrainingSet(["a", "p"], np.zeros((2, 2)), np.ones(2), pseudo_count=1)
+    assert plain.sampler_weights() is None and "labeled_share" not in plain.fingerprint_payload()

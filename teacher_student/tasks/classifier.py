@@ -50,9 +50,20 @@ class TrainingSet:
     targets: np.ndarray
     weights: np.ndarray
     generation: int = 0
+    pseudo_count: int = 0
+    """How many of the rows (the last ones) are pseudo labels."""
+    labeled_share: float = 0.0
+    """Share of the draws that are labeled rows (``pseudo.labeled_share``); 0: uniform."""
 
     def fingerprint_payload(self) -> dict:
-        return {"ids": self.image_ids, "targets": np.round(self.targets, 6).tolist(), "weights": self.weights.tolist()}
+        out = {"ids": self.image_ids, "targets": np.round(self.targets, 6).tolist(), "weights": self.weights.tolist()}
+        if self.labeled_share and self.pseudo_count:  # only then: other runs keep their fingerprints
+            out["labeled_share"] = self.labeled_share
+        return out
+
+    def sampler_weights(self) -> np.ndarray | None:
+        is_pseudo = np.arange(len(self.image_ids)) >= len(self.image_ids) - self.pseudo_count
+        return pseudo.labeled_share_weights(is_pseudo, share=self.labeled_share)
 
 
 class ClassifierTask(Task):
@@ -158,7 +169,8 @@ class ClassifierTask(Task):
             ids += list(np.repeat(pseudo_rows["image_id"].to_numpy(), repeats))
             targets.append(np.repeat(soft, repeats, axis=0))
             weights.append(np.full(int(repeats.sum()), cfg.pseudo.weight, np.float32))
-        return TrainingSet(ids, np.concatenate(targets).astype(np.float32), np.concatenate(weights))
+        return TrainingSet(ids, np.concatenate(targets).astype(np.float32), np.concatenate(weights),
+                           pseudo_count=len(ids) - len(labeled_ids), labeled_share=cfg.pseudo.labeled_share)
 
     # ------------------------------------------------------------------ one fold
     def fit_fold(self, plan: FoldPlan, out_dir: Path) -> dict:
@@ -193,7 +205,7 @@ class ClassifierTask(Task):
             hooks.append(TensorBoardHook(logdir))
         result = fit(model, train_ds, val_ds, train_cfg, loss=self.loss_kind,
                      metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info,
-                     name=self.run_name(out_dir, gen, plan.fold), hooks=hooks)
+                     name=self.run_name(out_dir, gen, plan.fold), hooks=hooks, sampler_weights=training.sampler_weights())
         meta = {
             "model_name": name, "num_classes": len(self.table.study_classes),
             "class_names": list(self.table.study_classes), "drop_rate": drop, "drop_path_rate": drop_path,

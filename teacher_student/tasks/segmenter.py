@@ -32,6 +32,7 @@ from .. import mask_pseudo as mp
 from ..config import ladder_value, matched_epochs
 from ..layout import (CHECKPOINT, HISTORY, MASK_PSEUDO, MASK_PSEUDO_INFO, MASK_PSEUDO_PROBS, OOF_MASKS, POOL_FOLD_MASKS,
                       POOL_MASKS, SEGMENTER, pseudo_fold_dir)
+from ..pseudo import labeled_share_weights
 from ..seg_models import SEG_CLASS_NAMES, create_segmenter, load_segmenter
 from .base import Task, assert_fold_lineage, fold_seed, seed_everything
 from .segmenter_select import load_npz, save_npz, select_masks
@@ -132,7 +133,8 @@ class SegmenterTask(Task):
                                     self.steps_factor(gen, steps_factor))
             plans.append(FoldPlan(fold, MaskTrainingSet(ids, pseudo, threshold, weights, gen), tuple(ids),
                                   tuple(val_ids), epochs, {"ids": ids, "pseudo": digest, "weights": weights.tolist(),
-                                                           "pseudo_mode": sc.pseudo_mode if pseudo else None},
+                                                           "pseudo_mode": sc.pseudo_mode if pseudo else None,
+                                                           "labeled_share": sc.labeled_share if pseudo else None},
                                   patience=patience))
         return plans
 
@@ -167,7 +169,9 @@ class SegmenterTask(Task):
         train_cfg = replace(sc.train, epochs=plan.epochs, patience=plan.patience or sc.train.patience)
         result = fit_segmenter(model, train_ds, val_ds if val_ids else None, train_cfg,
                                device=self.ctx.device, log=log.info, seed=seed, dice_weight=sc.dice_weight,
-                               name=f"{SEGMENTER} gen {gen} fold {plan.fold}")
+                               name=f"{SEGMENTER} gen {gen} fold {plan.fold}",
+                               sampler_weights=labeled_share_weights([i in ts.pseudo for i in ts.image_ids],
+                                                                     share=sc.labeled_share))
         meta = {"model_name": name, "num_classes": 1, "class_names": list(SEG_CLASS_NAMES), "drop_rate": drop,
                 "drop_path_rate": drop_path, "decoder_channels": list(sc.decoder_channels),
                 "preprocess": config_to_dict(pp), "activation": "sigmoid",
