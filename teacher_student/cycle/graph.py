@@ -9,8 +9,8 @@ has (Slurm array jobs, one per wave: README) then runs a cycle's independent fol
 and nothing is scheduled here.
 
 Stages are built by the same functions the runner uses (``generation.CrossFit``,
-``selection.select_spec``, ``runner.final_spec``, ``cascade.cascade_spec``), so a stage run alone has exactly the fingerprint
-the whole run gives it, and a later plain run reuses it.
+``selection.select_spec``, ``runner.final_spec``, ``cascade.cascade_spec``), so a stage run alone
+has exactly the fingerprint the whole run gives it, and a later plain run reuses it.
 
 Statuses: ``done`` (outputs there, made by this config and these inputs), ``ready`` (inputs done,
 the stage not yet), ``stale`` (inputs done, outputs made by another config or other inputs: it
