@@ -87,10 +87,8 @@ def seed_row(seed: int, summary: dict) -> dict:
 
 
 def mean_sd(values: list) -> str:
-    values = [v for v in values if isinstance(v, (int, float))]
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.3f} +/- {spread(values):.3f}"
+    mean = column_stat(values, statistics.mean)
+    return "-" if mean is None else f"{mean:.3f} +/- {column_stat(values, spread):.3f}"
 
 
 def spread(values: list[float]) -> float:
