@@ -6,6 +6,9 @@ several seeds, every model scored on the held-out test part.
     python bench/bench_gain.py --config teacher_student/presets/cxr_covid.yaml --data ../shared/data/cxr-covid-ieee8023
     OMP_NUM_THREADS=1 python bench/bench_gain.py --config teacher_student/presets/cxr_lungs.yaml \
         --data ../shared/data/cxr-covid-ieee8023          # lung masks: segmenter test dice
+    OMP_NUM_THREADS=1 python bench/bench_gain.py --config teacher_student/presets/cxr_lungs.yaml \
+        --data ../shared/data/cxr-covid-ieee8023 --vary-folds \
+        --set data.hidden_fraction=0.4 --set run.oracle=true  # 40% of the masks hidden: an oracle on real data
     python bench/bench_gain.py --set run.tasks=classifier,grader   # the grading demo
     python bench/bench_gain.py --config teacher_student/presets/cxr_covid_grading.yaml --data ../shared/data/cxr-covid-ieee8023
 
@@ -125,11 +128,13 @@ def print_report(rows: list[dict]) -> None:
     for r in rows:
         for c in r["pseudo"]:
             cls, det, seg = c["classifier"] or {}, c["detector"] or {}, c.get("segmenter") or {}
-            print(f"  seed {r['seed']} cycle {c['cycle']}: classes {cls.get('kept_per_class')} prec "
-                  f"{_f(cls.get('precision'))}; boxes {det.get('per_class')} prec {_f(det.get('precision'))}"
-                  + (f"; pseudo masks {seg.get('total')} dice vs truth {_f(seg.get('precision'))}" if seg else "")
-                  + (f"; starving {sorted({**cls.get('starving', {}), **det.get('starving', {})})}"
-                     if cls.get("starving") or det.get("starving") else ""))
+            parts = ([f"classes {cls.get('kept_per_class')} prec {_f(cls.get('precision'))}"] if cls else []) \
+                + ([f"boxes {det.get('per_class')} prec {_f(det.get('precision'))}"] if det else []) \
+                + ([f"pseudo masks {seg.get('total')} dice vs truth {_f(seg.get('precision'))}"] if seg else []) \
+                + ([f"starving {sorted({**cls.get('starving', {}), **det.get('starving', {})})}"]
+                   if cls.get("starving") or det.get("starving") else [])
+            if parts:
+                print(f"  seed {r['seed']} cycle {c['cycle']}: " + "; ".join(parts))
             if c.get("grader"):
                 print(f"  seed {r['seed']} cycle {c['cycle']}: grades {c['grader'].get('kept_per_grade')} exact vs "
                       f"truth {_f(c['grader'].get('precision'))}")

@@ -68,6 +68,12 @@ class DataConfig:
     test_from: Literal["labeled", "box_labeled", "mask_labeled"] = "labeled"
     """Which labeled images test_fraction counts: all, or those with ground-truth boxes (the
     detector's test set) or masks (the segmenter's); their groups' other images go with them."""
+    hidden_fraction: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    """Hide the labels of about this fraction of the labeled images left after the test part
+    (counted as test_from counts, whole patient and duplicate groups): they join the unlabeled
+    pool and their labels become its hidden truth, as the demo's unlabeled_truth.csv is -- the
+    semi-supervised benchmark protocol on a fully labeled set, so that a real dataset gets
+    pseudo-label quality against truth and an oracle (a real ceiling). 0: none."""
     hidden_truth: bool = True
     """Read the pool's hidden truth when the dataset has one (the demo's unlabeled_truth.csv): it only
     measures the pseudo labels and trains the oracle; false runs the same selection and training

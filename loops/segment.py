@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..augment.mix import cutmix_batch
 from .config import TrainConfig
 from .predict import amp_context, prediction_loader
 from .seg_loss import segmentation_loss
@@ -27,22 +28,27 @@ from .train import ClassifierTrainer, FitResult
 from .trainer import Hook
 
 class SegmentationTrainer(ClassifierTrainer):
-    """The classifier's loop with masks: BCE + dice per batch, mean per-image dice at 0.5 to validate."""
+    """The classifier's loop with masks: BCE + dice per batch, mean per-image dice at 0.5 to validate;
+    ``cutmix`` > 0 mixes that share of each batch's samples (``augment.mix.cutmix_batch``)."""
 
     def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, *, device, hooks=(), log=print, seed=0,
-                 precise_bn_batches=20, name=None, dice_weight: float = 1.0, sampler_weights=None):
-        self.dice_weight = float(dice_weight)
+                 precise_bn_batches=20, name=None, dice_weight: float = 1.0, sampler_weights=None,
+                 cutmix: float = 0.0):
+        self.dice_weight, self.cutmix = float(dice_weight), float(cutmix)
+        self.mix_generator = torch.Generator().manual_seed(seed + 104729)
         super().__init__(model, train_ds, val_ds, cfg, loss="bce", metric_fn=None, device=device, hooks=hooks, log=log,
                          seed=seed, precise_bn_batches=precise_bn_batches, name=name, sampler_weights=sampler_weights)
 
     def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], int]:
-        x = batch["image"].to(self.device, non_blocking=True)
+        x, mask, weight = batch["image"], batch["mask"], batch["weight"]
+        if self.cutmix > 0:
+            x, mask, weight = cutmix_batch(x, mask, weight, prob=self.cutmix, generator=self.mix_generator)
+        x = x.to(self.device, non_blocking=True)
         if self.fast:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             logits = self.model(x)
-        losses = segmentation_loss(logits, batch["mask"].to(self.device), batch["weight"].to(self.device),
-                                   dice_weight=self.dice_weight)
+        losses = segmentation_loss(logits, mask.to(self.device), weight.to(self.device), dice_weight=self.dice_weight)
         return losses, len(x)
 
     def validate(self) -> dict:
@@ -57,11 +63,11 @@ class SegmentationTrainer(ClassifierTrainer):
 def fit_segmenter(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig, *,
                   device: torch.device | str = "cpu", hooks: Sequence[Hook] = (), log: Callable[[str], None] = print,
                   seed: int = 0, name: str | None = None, dice_weight: float = 1.0,
-                  sampler_weights=None) -> FitResult:
+                  sampler_weights=None, cutmix: float = 0.0) -> FitResult:
     """Train a segmentation model in place; on return it holds the best-dice epoch's weights (the
-    last without ``val_ds``). Arguments as ``loops.train.fit``."""
+    last without ``val_ds``). Arguments as ``loops.train.fit``; ``cutmix`` as SegmentationTrainer."""
     trainer = SegmentationTrainer(model, train_ds, val_ds, cfg, device=device, hooks=hooks, log=log, seed=seed,
-                                  name=name, dice_weight=dice_weight, sampler_weights=sampler_weights)
+                                  name=name, dice_weight=dice_weight, sampler_weights=sampler_weights, cutmix=cutmix)
     trainer.train()
     return trainer.result()
 

@@ -96,7 +96,8 @@ class PseudoConfig:
     flagged (log, summary, report) and treated as starving."""
     fallback: Literal["top_k", "none"] = "top_k"
     """A starving class (keeps nothing, or weak evidence): top_k keeps its fallback_k most confident
-    pool images instead (Noisy Student's rule), flagged as such; none: it keeps nothing (flagged)."""
+    pool images instead (Noisy Student's rule), flagged as such; none adds nothing (a class that
+    keeps nothing stays empty, a weakly supported one keeps what its threshold keeps; flagged)."""
     fallback_k: int = field(default=0, metadata={"ge": 0})
     """Images a starving class keeps with fallback top_k; 0: the median kept count of the others."""
 
@@ -154,10 +155,12 @@ class DetectorConfig:
     min_oof_support: int = field(default=10, metadata={"ge": 0})
     """A box class whose threshold is read from fewer OOF boxes than this is weak evidence (flagged,
     treated as starving)."""
-    fallback: Literal["top_k", "none"] = "top_k"
-    """A starving box class: top_k keeps its fallback_k highest-scoring pool boxes (flagged); none keeps
-    none, and with uncertain_floor > 0 the images showing that class are left out rather than
-    taught as background."""
+    fallback: Literal["top_k", "none", "drop"] = "top_k"
+    """A starving box class (keeps no box, or its threshold rests on fewer than min_oof_support OOF
+    boxes at or above it): top_k keeps its fallback_k highest-scoring pool boxes (flagged); none
+    adds nothing (a weakly supported class keeps what its threshold keeps, flagged); drop keeps no
+    box of it at all. With uncertain_floor > 0 the images showing a class that keeps nothing are
+    left out rather than taught as background."""
     fallback_k: int = field(default=0, metadata={"ge": 0})
     """Boxes a starving class keeps with fallback top_k; 0: the median kept count of the other classes."""
     randaugment_n: tuple[int, ...] = field(default=(0, 2, 2, 3), metadata={"ge": 0, "min_len": 1})

@@ -45,6 +45,12 @@ class SegmenterConfig:
     """Mask-safe RandAugment ops per generation (0: light teacher augmentation)."""
     randaugment_m: tuple[int, ...] = (0, 6, 9)
     """Mask-safe RandAugment magnitude (0..30) per generation."""
+    cutmix: tuple[float, ...] = field(default=(0.0,), metadata={"ge": 0, "le": 1, "min_len": 1})
+    """Share of each training batch's images that get a rectangle (a quarter to a half of the image)
+    of another image of the batch pasted in, its mask with it (``augment.mix``), per generation.
+    Student noise from semi-supervised segmentation (CutMix; French et al. 2020, ST++): a student
+    under the teacher's mild noise learns the teacher's boundaries back. Applies to every image a
+    generation trains on, so the ablation (the student's recipe) has it too; 0: off."""
     hflip: bool = True
     """Flip augmentation and flip TTA (flipped back before averaging). Off for lateralised masks."""
     dice_weight: float = 1.0
@@ -72,6 +78,9 @@ class SegmenterConfig:
     """Pool images kept when no threshold reaches target_dice; 0: none."""
     pseudo_mode: Literal["hard", "soft"] = "hard"
     """hard: the student learns the pseudo mask thresholded at the pixel threshold; soft: the probabilities."""
+    pixel_confidence: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    """hard mode: pseudo-mask pixels whose probability is neither >= this nor <= 1 - this are left
+    out of the student's loss (the teacher's uncertain band, mostly its boundaries); 0: every pixel counts."""
     pseudo_weight: float = 1.0
     """Loss weight of pseudo-masked images relative to labeled ones."""
     labeled_share: float = field(default=0.0, metadata={"ge": 0, "lt": 1})

@@ -78,14 +78,27 @@ def confidence_threshold(confidence: np.ndarray, dice: np.ndarray, *, target_dic
     return float(ok.min()) if len(ok) else float("inf")
 
 
-def pseudo_target(stored: np.ndarray, *, pixel_threshold: float, mode: Literal["hard", "soft"]) -> np.ndarray:
-    """What a student learns from a stored (uint8) pseudo mask: 0/1 at the threshold, or the probability."""
+IGNORED = -1.0
+"""Target value of a pixel left out of the loss (``loops.seg_loss`` skips targets below 0)."""
+
+
+def pseudo_target(stored: np.ndarray, *, pixel_threshold: float, mode: Literal["hard", "soft"],
+                  pixel_confidence: float = 0.0) -> np.ndarray:
+    """What a student learns from a stored (uint8) pseudo mask: 0/1 at the threshold, or the probability.
+
+    ``pixel_confidence`` > 0 (hard mode): pixels whose probability is neither >= it nor <= 1 - it
+    are IGNORED -- the teacher's uncertain band, mostly its boundaries, is where its errors are,
+    so the student learns boundaries from the labeled images only (the per-pixel confidence mask of
+    semi-supervised segmentation, as FixMatch-style methods cut uncertain pixels)."""
     p = from_uint8(stored)
     if mode == "soft":
         return p
-    if mode == "hard":
-        return (p >= pixel_threshold).astype(np.float32)
-    raise ValueError(f"pseudo mask mode must be 'hard' or 'soft', got {mode!r}")
+    if mode != "hard":
+        raise ValueError(f"pseudo mask mode must be 'hard' or 'soft', got {mode!r}")
+    target = (p >= pixel_threshold).astype(np.float32)
+    if pixel_confidence > 0:
+        target[(p < pixel_confidence) & (p > 1 - pixel_confidence)] = IGNORED
+    return target
 
 
 # ----------------------------------------------------------------------------- the cascade

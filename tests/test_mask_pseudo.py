@@ -73,6 +73,26 @@ def test_pseudo_target_is_thresholded_when_read_or_kept_soft():
     assert mp.pseudo_target(stored, pixel_threshold=0.5, mode="soft")[0] == pytest.approx([51 / 255, 153 / 255])
 
 
+def test_pseudo_target_leaves_the_uncertain_band_out_and_the_loss_skips_it():
+    import torch
+
+    from cxr_noisy_student.loops.seg_loss import segmentation_loss
+
+    stored = mp.to_uint8(np.array([[0.05, 0.3, 0.6, 0.95]]))
+    target = mp.pseudo_target(stored, pixel_threshold=0.5, mode="hard", pixel_confidence=0.9)
+    assert target.tolist() == [[0.0, mp.IGNORED, mp.IGNORED, 1.0]]
+    # the loss of a 4-pixel image with two ignored pixels is the loss of its two certain pixels alone
+    logits = torch.tensor([[[[0.0, 3.0, -3.0, 2.0]]]])
+    full = segmentation_loss(logits, torch.from_numpy(target)[None, None], torch.ones(1))
+    kept = segmentation_loss(logits[..., [0, 3]], torch.tensor([[[[0.0, 1.0]]]]), torch.ones(1))
+    assert float(full["loss"]) == pytest.approx(float(kept["loss"]))
+    # by hand: BCE mean of (log 2, log(1 + e^-2)); dice 1 - (2 x 0.881 + 1) / (0.5 + 0.881 + 1 + 1)
+    p0, p3 = 0.5, 1 / (1 + np.exp(-2.0))
+    bce = (np.log(2) + np.log(1 + np.exp(-2.0))) / 2
+    dice = 1 - (2 * p3 + 1) / (p0 + p3 + 1 + 1)
+    assert float(full["loss"]) == pytest.approx(bce + dice, rel=1e-5)
+
+
 def test_gate_masks_hard_soft_off():
     probs = masks([0.9, 0.8, 0, 0], [0.6, 0, 0, 0])
     p_pos = np.array([0.3, 0.7])

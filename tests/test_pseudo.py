@@ -161,10 +161,36 @@ def test_box_fallback_thresholds_keep_the_top_k_boxes_of_a_starving_class():
     out = pseudo.top_k_box_thresholds(fused, np.array([0.8, np.inf]), [1], k=2)
     assert out.tolist() == [0.8, 0.4]
     assert np.isinf(pseudo.top_k_box_thresholds(fused, np.array([0.8, np.inf]), [1], k=0)[1])
-    matched = pd.DataFrame({"class_id": [0] * 12 + [1] * 3})
+    matched = pd.DataFrame({"class_id": [0] * 12 + [1] * 3, "score": [0.9] * 12 + [0.5] * 3})
     kept = fused[fused["score"] >= 0.8]
-    assert pseudo.box_starving_classes(matched, kept, num_classes=2, min_support=10) == {
+    support = pseudo.box_threshold_support(matched, np.array([0.8, np.inf]), num_classes=2)
+    assert support.tolist() == [12, 3]
+    assert pseudo.box_starving_classes(support, kept, num_classes=2, min_support=10) == {
         1: "threshold rests on 3 OOF box(es) (< 10)"}
+
+
+def test_box_fallbacks_top_k_drop_and_none():
+    fused = pd.DataFrame({"image_id": list("abcde"), "class_id": [0, 0, 1, 1, 1], "score": [0.9, 0.85, 0.3, 0.5, 0.4]})
+    thresholds = np.array([0.8, 0.45])
+    kept = fused[fused["score"] >= thresholds[fused["class_id"]]]
+    # class 1 is starving (say its 0.45 rests on 3 OOF boxes): top_k with k=0 keeps as many as the
+    # median of the others (class 0 keeps 2), drop keeps none, none keeps what 0.45 keeps
+    assert pseudo.box_fallback_thresholds(fused, kept, thresholds, [1], fallback="top_k").tolist() == [0.8, 0.4]
+    dropped = pseudo.box_fallback_thresholds(fused, kept, thresholds, [1], fallback="drop")
+    assert dropped[0] == 0.8 and np.isinf(dropped[1]) and thresholds[1] == 0.45  # the input is kept
+    assert pseudo.box_fallback_thresholds(fused, kept, thresholds, [1], fallback="none") is thresholds
+
+
+def test_box_support_counts_the_oof_boxes_at_or_above_the_threshold_not_every_box():
+    """Class 0: 20 OOF boxes, 4 of them at or above its threshold 0.6 -- the precision behind the
+    threshold is read off those 4; class 1 reaches no threshold: its support is every box it has."""
+    matched = pd.DataFrame({"class_id": [0] * 20 + [1] * 7,
+                            "score": [0.9, 0.7, 0.6, 0.6] + [0.2] * 16 + [0.3] * 7})
+    support = pseudo.box_threshold_support(matched, np.array([0.6, np.inf, np.inf]), num_classes=3)
+    assert support.tolist() == [4, 7, 0]
+    kept = pd.DataFrame({"class_id": [0, 0]})
+    assert pseudo.box_starving_classes(support, kept, num_classes=3, min_support=5, present=[0, 1]) == {
+        0: "threshold rests on 4 OOF box(es) (< 5)", 1: "no pool box reaches its threshold"}
 
 
 def test_an_image_with_a_lesion_the_teacher_was_unsure_of_is_left_out():

@@ -7,7 +7,9 @@ submissions, the exports (pycocotools decodes the COCO masks to the PNGs' pixels
 """
 from __future__ import annotations
 
+import html as htmllib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -99,6 +101,9 @@ def test_report_has_a_mask_section_and_the_aux_classifier_is_a_plain_checkpoint(
     assert "Pseudo masks" in html and "Kept (green) and rejected (red)" in html
     report = json.loads((run / "cycle1" / "report.json").read_text())
     assert set(report["masks"]) >= {"pixel_threshold", "confidence_histogram", "oof_dice_histogram"}
+    students = json.loads((run / "summary.json").read_text())["cycles"][0]["pseudo"]["segmenter"]["students"]
+    text = " ".join(htmllib.unescape(re.sub(r"<[^>]+>", " ", html)).split())
+    assert f"students' pseudo masks (all folds) {students['total']} " in text  # the folds' files, summed
     from cxr_noisy_student.teacher_student.models import load_classifier
 
     model, meta = load_classifier(run / "gen1" / "classifier" / "fold0" / "checkpoint.pt")

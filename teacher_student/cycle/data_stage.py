@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -21,7 +22,7 @@ from ...datasets.config import config_to_dict, fingerprint
 from ...datasets.errors import ConfigError, DataError
 from ...datasets.mask_cache import MaskCache
 from ...datasets.folds import assign_folds, check_no_leak, hold_out_groups
-from ...datasets.grades import with_grades
+from ...datasets.grades import GRADE, with_grades
 from ...datasets.table import ItemTable, Quarantine, format_problem, load_table, save_table
 from ...loops.device import resolve_device
 from ...loops.executor import Executor, LocalExecutor
@@ -52,7 +53,10 @@ def prepare(cfg: EngineConfig, executor: Executor | None = None) -> RunContext:
 
 def data_payload(cfg: EngineConfig) -> dict:
     """What the data stage's outputs depend on: data, preprocessing and fold settings, the source files."""
-    payload = {"data": config_to_dict(cfg.data), "pre": config_to_dict(cfg.preprocess),
+    data = config_to_dict(cfg.data)
+    if not data.get("hidden_fraction"):  # added later: runs that hide nothing keep their data stage
+        data.pop("hidden_fraction", None)
+    payload = {"data": data, "pre": config_to_dict(cfg.preprocess),
                "folds": config_to_dict(cfg.folds), "source": source_digest(Path(cfg.data.root))}
     grades = [grade_source(cfg), grade_source(cfg, hidden=True)]
     if grades[0] is not None:  # only then: runs without a grader keep their data stage
@@ -139,6 +143,9 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     table = cache_masks(cfg, layout, table)
     if cfg.data.test_fraction > 0:
         table = hold_out_test(cfg, table, cache.hashes())
+    hidden = None
+    if cfg.data.hidden_fraction > 0:
+        table, hidden = hide_labels(cfg, table, cache.hashes())
     fa = assign_folds(table.items, cache.hashes(), k=cfg.folds.k, seed=cfg.folds.seed,
                       phash_max_distance=cfg.folds.phash_max_distance)  # every role: duplicates across roles too
     report_test_duplicates(fa.report, cfg.folds.test_duplicates)
@@ -151,6 +158,10 @@ def build_data(cfg: EngineConfig, layout: RunLayout, stage_dir: Path) -> dict:
     hidden_grades = grade_source(cfg, hidden=True)
     if truth is not None and hidden_grades is not None:
         truth = with_grades(truth, Path(cfg.data.root), hidden_grades, cfg.data.on_bad_input)
+    if hidden is not None and cfg.data.hidden_truth:
+        truth = hidden if truth is None else truth.replace(
+            items=pd.concat([truth.items, hidden.items], ignore_index=True),
+            boxes=pd.concat([truth.boxes, hidden.boxes], ignore_index=True))
     if truth is not None:
         save_table(stage_dir / layout.truth.name, cache_masks(cfg, layout, truth))
     return {"table": table.summary(), "quarantined": int(len(table.quarantine)), "folds": fa.report}
@@ -214,18 +225,48 @@ def report_chained_groups(report: dict) -> None:
                     report["phash_max_distance"], group["images"], 100 * group["share"])
 
 
-def hold_out_test(cfg: EngineConfig, table: ItemTable, hashes: pd.DataFrame) -> ItemTable:
-    """Move a patient-grouped part of the labeled images to the test role (data.test_fraction)."""
+def labeled_groups(cfg: EngineConfig, table: ItemTable, hashes: pd.DataFrame, *, fraction: float, seed: int) -> set[str]:
+    """Whole patient/duplicate groups of labeled images holding about ``fraction`` of the images
+    data.test_from counts (all labeled, or the box- or mask-labeled ones)."""
     labeled = table.with_role("labeled")
     flag = cfg.data.test_from
     candidates = labeled[flag] if flag in ("box_labeled", "mask_labeled") else pd.Series(True, index=labeled.index)
-    held = set(hold_out_groups(labeled, hashes, candidates.to_numpy(), fraction=cfg.data.test_fraction,
-                               seed=cfg.folds.seed, phash_max_distance=cfg.folds.phash_max_distance))
+    return set(hold_out_groups(labeled, hashes, candidates.to_numpy(), fraction=fraction, seed=seed,
+                               phash_max_distance=cfg.folds.phash_max_distance))
+
+
+def hold_out_test(cfg: EngineConfig, table: ItemTable, hashes: pd.DataFrame) -> ItemTable:
+    """Move a patient-grouped part of the labeled images to the test role (data.test_fraction)."""
+    held = labeled_groups(cfg, table, hashes, fraction=cfg.data.test_fraction, seed=cfg.folds.seed)
     items = table.items.copy()
     items.loc[items["image_id"].isin(held), "role"] = "test"
     log.info("data.test_fraction %.2f: %d labeled images (whole patient/duplicate groups) held out as test",
              cfg.data.test_fraction, len(held))
     return table.replace(items=items)
+
+
+def hide_labels(cfg: EngineConfig, table: ItemTable, hashes: pd.DataFrame) -> tuple[ItemTable, ItemTable]:
+    """(the table with a patient-grouped part of the labeled images made unlabeled -- every label
+    of theirs removed: study label, boxes, mask, grade --, those images' labels as hidden truth).
+
+    data.hidden_fraction: what a semi-supervised paper does to a fully labeled set, so that the
+    oracle and pseudo-label quality have truth. The truth goes where the demo's does (``truth/``),
+    read only by the references and by evaluation; training sees the images as unlabeled."""
+    held = labeled_groups(cfg, table, hashes, fraction=cfg.data.hidden_fraction, seed=cfg.folds.seed + 1)
+    items, hidden = table.items.copy(), table.items["image_id"].isin(held)
+    truth = table.replace(items=items[hidden].assign(role="unlabeled").reset_index(drop=True),
+                          boxes=table.boxes[table.boxes["image_id"].isin(held)].reset_index(drop=True))
+    blank = {"role": "unlabeled", "has_study_label": False, "box_labeled": False, "mask_labeled": False,
+             "mask_path": "", "mask_rle": "", "mask_instances": 0}
+    for column, value in blank.items():
+        if column in items:
+            items.loc[hidden, column] = value
+    items.loc[hidden, [c for c in (*table.label_columns, GRADE) if c in items]] = np.nan
+    log.info("data.hidden_fraction %.2f: the labels of %d labeled images (whole patient/duplicate groups) are hidden: "
+             "they are unlabeled for training, %s", cfg.data.hidden_fraction, len(held),
+             "their labels the pool's hidden truth (oracle, pseudo-label quality)" if cfg.data.hidden_truth
+             else "their labels unused (data.hidden_truth is off)")
+    return table.replace(items=items, boxes=table.boxes[~table.boxes["image_id"].isin(held)].reset_index(drop=True)), truth
 
 
 def cache_masks(cfg: EngineConfig, layout: RunLayout, table: ItemTable) -> ItemTable:

@@ -64,6 +64,18 @@ def histograms(oof_dice: np.ndarray, conf: np.ndarray, kept: np.ndarray, thresho
     return figure_html(fig, "mask dice and confidence histograms")
 
 
+def student_rows(pseudo_dir: Path) -> list[dict]:
+    """What the students trained on: the per-fold selections (``fold<k>/``, each from its own
+    teacher fold), summed -- the ensemble's file above them is for the report and the exports."""
+    infos = [read_json(d / MASK_PSEUDO_INFO) for d in sorted(Path(pseudo_dir).glob("fold*")) if (d / MASK_PSEUDO_INFO).is_file()]
+    rows = [{"what": "students' pseudo masks (all folds)", "value": sum(int(i.get("kept", 0)) for i in infos)}]
+    measured = [(i["precision"], i.get("truth_images") or 0) for i in infos if i.get("precision") is not None]
+    if measured and sum(n for _, n in measured):
+        rows.append({"what": "students' pseudo masks: dice against hidden truth",
+                     "value": fmt(sum(p * n for p, n in measured) / sum(n for _, n in measured))})
+    return rows
+
+
 def mask_section(run_dir: Path, cycle: int, r: Report, load) -> None:
     """Add the mask section for ``cycle`` to ``r`` (HTML and ``r.data['masks']``)."""
     layout = RunLayout(run_dir)
@@ -100,7 +112,7 @@ def mask_section(run_dir: Path, cycle: int, r: Report, load) -> None:
     table = [{"what": "teacher OOF dice (mean per image)", "value": fmt(float(oof_dice.mean())) if len(oof_dice) else "-"},
              {"what": "OOF dice of images above the confidence threshold", "value": fmt(info.get("oof_dice_kept"))},
              {"what": "fold agreement on OOF (views)", "value": fmt(float(agreement.mean())) if agreement is not None else "-"},
-             {"what": "students' pseudo masks (all folds)", "value": sum(f["kept"] for f in info.get("folds", {}).values())}]
+             *student_rows(pseudo_dir)]
     r.add(html_table(table))
     if len(conf):
         r.add(histograms(oof_dice, conf, kept, info.get("confidence_threshold"), agreement))

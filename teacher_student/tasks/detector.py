@@ -237,13 +237,11 @@ class DetectorTask(Task):
         kept = fused[fused["score"].to_numpy() >= thresholds[fused["class_id"].to_numpy(int)]] if len(fused) else fused
         gt = training_boxes(self.table)
         present = np.unique(gt.loc[gt["image_id"].isin(set(self.labeled_ids())), "class_id"].to_numpy(int))
-        starving = pseudo.box_starving_classes(matched, kept, num_classes=n, min_support=dc.min_oof_support,
+        support = pseudo.box_threshold_support(matched, thresholds, num_classes=n)
+        starving = pseudo.box_starving_classes(support, kept, num_classes=n, min_support=dc.min_oof_support,
                                                present=present)
-        used = thresholds
-        if starving and dc.fallback == "top_k":
-            counts = kept.groupby("class_id").size().drop(list(starving), errors="ignore")
-            size = dc.fallback_k or (max(1, int(np.median(counts.to_numpy()))) if len(counts) else 1)
-            used = pseudo.top_k_box_thresholds(fused, thresholds, list(starving), k=size)
+        used = pseudo.box_fallback_thresholds(fused, kept, thresholds, list(starving), fallback=dc.fallback,
+                                              k=dc.fallback_k)
         boxes, images = pseudo.select_pseudo_boxes(fused, pool_ids, p_ab, thresholds=used,
                                                    negative_max_p_abnormal=dc.negative_max_p_abnormal,
                                                    uncertain_floor=dc.uncertain_floor)
@@ -255,10 +253,11 @@ class DetectorTask(Task):
                 "thresholds_used": dict(zip(classes, [None if np.isinf(t) else float(t) for t in used])),
                 "boxes": int(len(boxes)), "images": {s: int(v) for s, v in images["status"].value_counts().items()},
                 "per_class": {classes[int(c)]: int(v) for c, v in per_class.items()},
-                "support": {classes[c]: int((matched["class_id"] == c).sum()) for c in range(n)},
+                "support": {classes[c]: int(support[c]) for c in range(n)},
+                "oof_boxes": {classes[c]: int((matched["class_id"] == c).sum()) for c in range(n)},
                 "threshold_oof_folds": oof_folds,
                 "models": models, "starving": {classes[c]: why for c, why in starving.items()},
-                "fallback": {classes[c]: int(per_class.get(c, 0)) for c in starving} if used is not thresholds else {}}
+                "fallback": {classes[c]: int(per_class.get(c, 0)) for c in starving} if dc.fallback == "top_k" else {}}
         if self.ctx.truth is not None:
             reread = read_table(out_dir / BOX_PSEUDO)  # as the student will read them (CSV round trip)
             info.update(box_truth_precision(reread, read_table(out_dir / BOX_IMAGES), self.ctx.truth,

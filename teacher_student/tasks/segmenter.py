@@ -103,7 +103,8 @@ class SegmenterTask(Task):
                 "randaugment": [ladder_value(sc.randaugment_n, gen), ladder_value(sc.randaugment_m, gen)],
                 "decoder_channels": list(sc.decoder_channels), "hflip": sc.hflip, "dice_weight": sc.dice_weight,
                 "train": config_to_dict(sc.train), "pre": config_to_dict(cfg.preprocess),
-                "tta": cfg.augment.tta_hflip, "seed": cfg.run.seed, "gen": gen}
+                "tta": cfg.augment.tta_hflip, "seed": cfg.run.seed, "gen": gen,
+                **({"cutmix": ladder_value(sc.cutmix, gen)} if ladder_value(sc.cutmix, gen) else {})}
 
     def fold_plans(self, gen: int, pseudo_dir: Path | None, teacher: Path | None, extra_ids: Sequence[str] = (),
                    *, steps_factor: float | None = None, patience: int = 0) -> list[FoldPlan]:
@@ -134,7 +135,9 @@ class SegmenterTask(Task):
             plans.append(FoldPlan(fold, MaskTrainingSet(ids, pseudo, threshold, weights, gen), tuple(ids),
                                   tuple(val_ids), epochs, {"ids": ids, "pseudo": digest, "weights": weights.tolist(),
                                                            "pseudo_mode": sc.pseudo_mode if pseudo else None,
-                                                           "labeled_share": sc.labeled_share if pseudo else None},
+                                                           "labeled_share": sc.labeled_share if pseudo else None,
+                                                           **({"pixel_confidence": sc.pixel_confidence}
+                                                              if pseudo and sc.pixel_confidence else {})},
                                   patience=patience))
         return plans
 
@@ -158,7 +161,8 @@ class SegmenterTask(Task):
         def target_of(index: int, ids=ts.image_ids) -> np.ndarray:
             image_id = ids[index]
             if image_id in ts.pseudo:
-                return mp.pseudo_target(ts.pseudo[image_id], pixel_threshold=ts.pixel_threshold, mode=sc.pseudo_mode)
+                return mp.pseudo_target(ts.pseudo[image_id], pixel_threshold=ts.pixel_threshold, mode=sc.pseudo_mode,
+                                        pixel_confidence=sc.pixel_confidence)
             return masks(image_id).astype(np.float32)
 
         val_ids = list(plan.val_ids)
@@ -171,11 +175,13 @@ class SegmenterTask(Task):
                                device=self.ctx.device, log=log.info, seed=seed, dice_weight=sc.dice_weight,
                                name=f"{SEGMENTER} gen {gen} fold {plan.fold}",
                                sampler_weights=labeled_share_weights([i in ts.pseudo for i in ts.image_ids],
-                                                                     share=sc.labeled_share))
+                                                                     share=sc.labeled_share),
+                               cutmix=ladder_value(sc.cutmix, gen))
         meta = {"model_name": name, "num_classes": 1, "class_names": list(SEG_CLASS_NAMES), "drop_rate": drop,
                 "drop_path_rate": drop_path, "decoder_channels": list(sc.decoder_channels),
                 "preprocess": config_to_dict(pp), "activation": "sigmoid",
                 "generation": gen, "fold": plan.fold, "randaugment": [n, m], "epochs": plan.epochs,
+                "cutmix": ladder_value(sc.cutmix, gen),
                 "config": config_to_dict(cfg)}
         save_checkpoint(out_dir / CHECKPOINT, model, meta)
         write_json(out_dir / HISTORY, {"history": result.history, "best_metric": result.best_metric,
