@@ -50,7 +50,8 @@ class SegmenterConfig:
     of another image of the batch pasted in, its mask with it (``augment.mix``), per generation.
     Student noise from semi-supervised segmentation (CutMix; French et al. 2020, ST++): a student
     under the teacher's mild noise learns the teacher's boundaries back. Applies to every image a
-    generation trains on, so the ablation (the student's recipe) has it too; 0: off."""
+    generation trains on, so the ablation (the student's recipe) has it too; 0: off. Measured on
+    cxr_lungs (seed 0, [0.0, 0.5]): student 0.914, ablation 0.922 test dice -- as without it."""
     hflip: bool = True
     """Flip augmentation and flip TTA (flipped back before averaging). Off for lateralised masks."""
     dice_weight: float = 1.0
@@ -80,7 +81,9 @@ class SegmenterConfig:
     """hard: the student learns the pseudo mask thresholded at the pixel threshold; soft: the probabilities."""
     pixel_confidence: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     """hard mode: pseudo-mask pixels whose probability is neither >= this nor <= 1 - this are left
-    out of the student's loss (the teacher's uncertain band, mostly its boundaries); 0: every pixel counts."""
+    out of the student's loss (the teacher's uncertain band, mostly its boundaries); 0: every pixel counts.
+    Measured on cxr_lungs (data.hidden_fraction 0.4, 3 seeds, 0.9): student - ablation -0.011 against
+    -0.006 without -- the band holds 80% of the teacher's pixel errors, but also the boundaries dice scores."""
     pseudo_weight: float = 1.0
     """Loss weight of pseudo-masked images relative to labeled ones."""
     labeled_share: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
