@@ -46,6 +46,15 @@ class ClassifierConfig:
     teacher's (train.epochs over the teacher's images). Noisy Student trains its students longer:
     pseudo labels add images, and a student that sees each of them less often than the teacher saw
     its labels stays undertrained (measured on the demo: at 1x the pseudo labels gave nothing)."""
+    finetune: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    """Share of a student's optimizer steps (the ablation's and the oracle's too: the same recipe)
+    spent last on the labeled rows alone, from the mixed phase's weights with a fresh warmup and
+    cosine at finetune_lr x train.lr; 0: one phase. Pre-training on pseudo labels, then fine-tuning
+    on labels (the Kaggle recipe for pseudo-labeled data): noisy pseudo labels shape the features,
+    the labels have the last word. Measured on the demo (0.3, 3 seeds): last student 0.751 -> 0.767
+    test AUC, level with its ablation (student - ablation -0.016 -> 0.000)."""
+    finetune_lr: float = field(default=0.3, metadata={"gt": 0, "le": 1})
+    """Peak learning rate of the fine-tuning phase as a share of train.lr."""
     aux_mask: Literal["off", "masks", "boxes"] = "off"
     """Auxiliary mask loss (SIIM-COVID19): a light decoder head on the classifier's features trained
     beside the class loss on the images' masks, or on masks drawn from their boxes; prediction uses
@@ -126,6 +135,13 @@ class DetectorConfig:
     student_steps: float = field(default=1.0, metadata={"gt": 0})
     """As classifier.student_steps: optimizer steps of detector students and the ablation as a
     multiple of the teacher's."""
+    finetune: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    """As classifier.finetune: the last share of a detector student's (and the references') steps on
+    the labeled images alone, from the mixed phase's best weights, at finetune_lr x lr. Measured on
+    the demo (0.3, 3 seeds): last student 0.529 +/- 0.063 -> 0.572 +/- 0.011 test mAP, student -
+    ablation -0.059 -> +0.015; the one-phase ablation (0.588) stays above both."""
+    finetune_lr: float = field(default=0.3, metadata={"gt": 0, "le": 1})
+    """Peak learning rate of the detectors' fine-tuning phase as a share of lr."""
     batch_size: int = field(default=16, metadata={"ge": 1})
     """Images per detector step."""
     lr: float = field(default=1e-3, metadata={"gt": 0})
@@ -261,6 +277,18 @@ def matched_epochs(teacher_epochs: int, teacher_images: int, images: int, steps_
     return max(1, round(teacher_epochs * steps_factor * teacher_images / max(images, 1)))
 
 
+def finetune_epochs(epochs: int, images: int, labeled_images: int, share: float) -> tuple[int, int]:
+    """(mixed, labeled-only) epochs of a student that spends the last ``share`` of its optimizer
+    steps on ground truth alone, the total steps unchanged: ``epochs`` over ``images`` become
+    (1 - share) of them over the same images, then share x epochs x images / labeled_images epochs
+    over the labeled ones. Why: the pseudo labels as pre-training, the labels as the last word
+    (pre-train on pseudo labels, fine-tune on labels). share 0 (or no labeled image): (epochs, 0)."""
+    if share <= 0 or labeled_images <= 0:
+        return epochs, 0
+    mixed = max(1, round(epochs * (1 - share)))
+    return mixed, max(1, round(epochs * share * images / labeled_images))
+
+
 def detector_preprocess(cfg: EngineConfig) -> PreprocessConfig:
     """The preprocessing detectors read: the run's, cached at the detector's own input size.
 
@@ -391,6 +419,10 @@ def check_config(cfg: EngineConfig) -> EngineConfig:
                                                           or min(g.grade_weights, default=0) < 0):
         problems.append(f"grader.grade_weights {list(g.grade_weights)}: sampling 'weights' needs "
                         f"{g.num_grades} non-negative values (grader.num_grades)")
+    sc = cfg.segmenter
+    if "segmenter" in tasks and sc.pixel_confidence and sc.pseudo_mode != "hard":
+        problems.append(f"segmenter.pixel_confidence {sc.pixel_confidence}: leaves uncertain pixels out of hard pseudo "
+                        f"masks only; segmenter.pseudo_mode is {sc.pseudo_mode!r} (soft targets keep every pixel)")
     devices = cfg.detector.devices
     if devices and (cfg.detector.kind != "yolo" or not re.fullmatch(r"\d+(,\d+)*", devices)):
         problems.append(f"detector.devices {devices!r}: a list of GPU indices such as '0,1', for detector.kind yolo "

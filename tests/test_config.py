@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from cxr_noisy_student.teacher_student.config_reference import config_reference
-from cxr_noisy_student.teacher_student.config import (ConfigError, EngineConfig, config_to_dict, fingerprint,
-                                    ladder_value, load_config)
+from cxr_noisy_student.teacher_student.config import (ConfigError, EngineConfig, config_to_dict, finetune_epochs,
+                                    fingerprint, ladder_value, load_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,15 @@ def test_fingerprint_follows_content_and_ladders_repeat_their_last_rung():
     assert fingerprint(a) == fingerprint(EngineConfig()) != fingerprint(b)
     assert load_config(None, []) == a and config_to_dict(a)["run"]["cycles"] == 3
     assert ladder_value(("x", "y"), 0) == "x" and ladder_value(("x", "y"), 5) == "y"
+
+
+def test_a_fine_tuning_phase_keeps_the_students_optimizer_steps():
+    # 10 epochs over 40 images (10 labeled) = 400 draws; 0.3 of them last, on the 10 labeled: 12 epochs
+    assert finetune_epochs(10, 40, 10, 0.3) == (7, 12)
+    assert 7 * 40 + 12 * 10 == 400
+    assert finetune_epochs(10, 40, 40, 0.5) == (5, 5)  # the ablation: the same images in both phases
+    assert finetune_epochs(10, 40, 10, 0.0) == (10, 0) and finetune_epochs(10, 40, 0, 0.3) == (10, 0)
+    assert finetune_epochs(1, 40, 10, 0.9) == (1, 4)  # never an empty phase
 
 
 def test_every_key_is_documented_and_the_readme_reference_is_current():
@@ -109,6 +118,13 @@ def test_rules_across_keys_are_named_together_in_one_line():
     message = str(info.value)
     assert "detector.img_size 96: effdet needs a multiple of 128 (e.g. 128)" in message
     assert "detector.ladder ['yolov8n.yaml']: not effdet models" in message and "\n" not in message
+
+
+def test_a_setting_the_chosen_mode_would_ignore_is_refused():
+    overrides = ["run.tasks=[classifier,segmenter]", "segmenter.pseudo_mode=soft", "segmenter.pixel_confidence=0.9"]
+    with pytest.raises(ConfigError, match="segmenter.pixel_confidence 0.9: leaves uncertain pixels out of hard"):
+        load_config(None, overrides)
+    assert load_config(None, overrides[:2]).segmenter.pseudo_mode == "soft"
 
 
 def test_effdet_gets_its_own_default_ladder_and_one_rung_ladders_cover_every_cycle():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,3 +183,28 @@ def test_killed_runs_resume_and_match_the_uninterrupted_run(baseline, tmp_path):
         assert (out / name).read_bytes() == (run / name).read_bytes(), name
     assert comparable_summary(out) == comparable_summary(run)
     assert not [p for p in out.rglob("*.tmp")], "a killed run's temporary files were left behind"
+
+
+@pytest.mark.parametrize("task", ["classifier", "detector"])
+def test_a_fine_tuning_phase_ends_students_and_references_on_the_labels(baseline, tmp_path, task):
+    run, config, _ = baseline
+    knob = ("--set", f"{task}.finetune=0.5")
+    result = run_cli("plan", "--config", str(config), "--out", str(run), "--format", "json", *knob)
+    assert result.returncode == 0, result.stderr[-2000:]
+    status = {row["stage"]: row["status"] for row in json.loads(result.stdout)}
+    assert status[f"gen0/{task}/fold0"] == status["cycle1/pseudo"] == "done"  # teachers have one phase
+    assert status[f"gen1/{task}/fold0"] == status[f"oracle/{task}/fold1"] == "stale"
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    result = run_cli("run", "--config", str(config), "--out", str(copy), "--only", f"gen1/{task}/fold0", *knob)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((copy / "gen1" / task / "fold0" / "history.json").read_text())["history"]
+    assert [row["phase"] for row in history] == sorted(row["phase"] for row in history)
+    assert {row["phase"] for row in history} == {0, 1} and "fine-tune" in result.stderr
+    if task == "detector":  # the second phase exported only the ground-truth images, and its epochs number on
+        assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
+        fold_dir = copy / "gen1" / task / "fold0"
+        images = {p.stem for p in (fold_dir / "work_finetune" / "yolo_data" / "images" / "train").glob("*")}
+        folds = pd.read_csv(copy / "data" / "folds.csv", dtype={"image_id": str}).set_index("image_id")["fold"]
+        trained = set((fold_dir / "train_ids.txt").read_text().split())
+        assert images and images == {i for i in trained if i in folds.index and folds[i] != 0}

@@ -304,3 +304,24 @@ def test_yolo_through_the_adapter_learns_an_easy_task(tmp_path):
             randaugment_n=0, randaugment_m=0, device="cpu", seed=0, log=lambda record: None)
     pred = det.predict(list(images), images.__getitem__, conf_floor=0.01)
     assert mean_average_precision(pred, boxes, num_classes=1, iou_thr=0.4)["map"] > 0.25
+
+
+@pytest.mark.parametrize("kind", ["yolo", "effdet"])
+def test_a_warm_start_fine_tunes_the_fitted_weights(kind, request, squares, tmp_path):
+    """A fine-tuning phase (``warm_start``) begins where the first fit ended: at a vanishing learning
+    rate its convolutions stay the fitted ones; a cold start at the same rate (another seed) holds
+    fresh ones."""
+    images, boxes = squares
+    ids = list(images)
+    fitted = request.getfixturevalue(f"trained_{kind}")[0]
+    fitted.save(tmp_path / "fitted.pt")
+
+    def first_conv(det) -> torch.Tensor:
+        return next(v for v in det._weights.values() if v.ndim == 4).float()
+
+    for warm in (True, False):
+        det = load_detector(tmp_path / "fitted.pt", "cpu")
+        det.fit(ids[:6], ids[6:], boxes, images.__getitem__, tmp_path / f"warm{warm}", epochs=1, batch_size=3, lr=1e-12,
+                device="cpu", seed=0 if warm else 1, warm_start=warm)
+        change = float((first_conv(det) - first_conv(fitted)).abs().max())
+        assert (change < 1e-4) if warm else (change > 1e-2), (warm, change)

@@ -165,8 +165,13 @@ def test_starving_classes_share_one_warning_line(caplog):
     warn_starving("detector", ["f0/orig", "f0/hflip"], {"starving": {f"c{i}": why for i in range(14)}, "fallback": {}})
     warn_starving("classifier", ["f1"], {"starving": {"No finding": "no pool image reaches its threshold"},
                                          "fallback": {"No finding": 4}})
+    weak = {"starving": {"Nodule": "threshold rests on 3 OOF box(es) (< 10)"}, "fallback": {}}
+    warn_starving("detector", ["f0/orig"], weak, kept={"Nodule": 52}, fallback_mode="none")
+    warn_starving("detector", ["f0/orig"], weak, kept={}, fallback_mode="drop")
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2
+    assert len(lines) == 4
     assert lines[0].startswith("detector pseudo labels from f0/orig+f0/hflip: 14 class(es) starve: 'c0', 'c1'")
     assert lines[0].endswith(f"({why}; keeps nothing)")
     assert lines[1].endswith("'No finding' (no pool image reaches its threshold; top_k fallback kept 4)")
+    assert lines[2].endswith("'Nodule' (threshold rests on 3 OOF box(es) (< 10); 52 kept, flagged (fallback none))")
+    assert lines[3].endswith("'Nodule' (threshold rests on 3 OOF box(es) (< 10); none kept (fallback drop))")

@@ -612,13 +612,19 @@ def test_starving_classes_are_grouped_into_red_flags():
               "thresholds": {"No finding": 0.9, "X": None}},
              {"starving": {"No finding": weak}, "fallback": {"No finding": 2}, "thresholds": {"No finding": 0.8}}]
     groups = starving_groups(folds)
-    assert {"classes": ["No finding"], "reason": weak, "folds": [0, 1], "fallback": 6} in groups
+    assert {"classes": ["No finding"], "reason": weak, "folds": [0, 1], "fallback": 6, "kept": 0, "mode": None} in groups
     never = next(g for g in groups if g["classes"] == ["X"])
     assert never["reason"].startswith("threshold 'never'") and never["folds"] == [0]
     lines = flag_lines("Class", groups, folds=2)
     assert f"Class No finding starves in every fold: {weak}; the top-k fallback kept 6 in their place." in lines
     assert any(line.startswith("Class X starves in fold 0: threshold 'never'") and "learns nothing of it" in line
                for line in lines)
+    weak_box = {"starving": {"Nodule": "threshold rests on 3 OOF box(es) (< 10)"}, "fallback": {}, "fallback_mode": "none"}
+    kept = flag_lines("Box class", starving_groups([{**weak_box, "per_class": {"Nodule": 36}}], "per_class"), folds=1)
+    assert kept == ["Box class Nodule starves in every fold: threshold rests on 3 OOF box(es) (< 10); "
+                    "kept anyway on that evidence: 36, flagged (fallback none)."]
+    dropped = flag_lines("Box class", starving_groups([{**weak_box, "fallback_mode": "drop"}], "per_class"), folds=1)
+    assert dropped[0].endswith("the student learns nothing of it.")
     many = starving_groups([{"starving": {f"c{i}": "no pool box reaches its threshold" for i in range(9)}}])
     assert flag_lines("Box class", many, folds=1)[0].startswith("Box class c0, c1, c2, c3, c4, c5 and 3 more (9) starve")
 

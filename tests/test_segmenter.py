@@ -157,3 +157,21 @@ def test_a_student_knob_does_not_retrain_the_teacher_or_the_references(run):
     assert status["gen0/segmenter/fold0"] == status["ablation/segmenter/fold1"] == status["oracle/segmenter/fold0"] == "done"
     assert status["cycle1/pseudo"] == "done"  # how masks are chosen did not change, only how students read them
     assert status["gen1/segmenter/fold0"] == status["gen1/segmenter/fold1"] == "stale"
+
+
+def test_fine_tuning_retrains_students_and_references_and_ends_on_ground_truth_alone(run, tmp_path):
+    knob = ("--set", "segmenter.finetune=0.5")
+    result = run_cli("plan", "--config", str(run.parent / "seg.yaml"), "--out", str(run), "--format", "json", *knob)
+    assert result.returncode == 0, result.stderr[-2000:]
+    status = {row["stage"]: row["status"] for row in json.loads(result.stdout)}
+    assert status["gen0/segmenter/fold0"] == status["cycle1/pseudo"] == "done"  # teachers have no fine-tuning
+    assert status["gen1/segmenter/fold0"] == status["ablation/segmenter/fold0"] == status["oracle/segmenter/fold0"] == "stale"
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    result = run_cli("run", "--config", str(run.parent / "seg.yaml"), "--out", str(copy), "--only", "gen1/segmenter/fold1",
+                     *knob)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((copy / "gen1" / "segmenter" / "fold1" / "history.json").read_text())
+    phases = [row["phase"] for row in history["history"]]
+    assert phases == sorted(phases) and set(phases) == {0, 1} and history["epochs_run"] == len(phases)
+    assert "fine-tune" in result.stderr  # the log names the phase

@@ -23,12 +23,18 @@ def mask_selection_settings(sc) -> dict:
     return {k: getattr(sc, k) for k in keys}
 
 
+def box_selection_settings(dc) -> dict:
+    """The detector section less what only shapes students' training (the fine-tuning phase):
+    choosing pseudo boxes does not depend on it."""
+    return {k: v for k, v in config_to_dict(dc).items() if k not in ("finetune", "finetune_lr")}
+
+
 def select_spec(ctx: RunContext, tasks: list[Task], teachers: dict[str, Path], cycle: int) -> StageSpec:
     """The pseudo-label stage of ``cycle`` from the teachers' predictions (which must exist: digested)."""
     cfg = ctx.cfg
     payload = {"teacher": file_digest(teachers[CLASSIFIER]) if CLASSIFIER in teachers else None,
                "detector": file_digest(teachers[DETECTOR]) if DETECTOR in teachers else None,
-               "pseudo": config_to_dict(cfg.pseudo), "det": config_to_dict(cfg.detector), "seed": cfg.run.seed}
+               "pseudo": config_to_dict(cfg.pseudo), "det": box_selection_settings(cfg.detector), "seed": cfg.run.seed}
     if SEGMENTER in teachers:  # keyed only when present, so runs without masks keep their fingerprints
         payload["segmenter"] = [file_digest(teachers[SEGMENTER]), mask_selection_settings(cfg.segmenter)]
     if GRADER in teachers:  # only then, so runs without a grader keep their fingerprints

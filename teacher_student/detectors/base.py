@@ -103,10 +103,13 @@ class Detector(abc.ABC):
         log: LogFn | None = None,
         run_name: str | None = None,
         patience: int = 0,
+        warm_start: bool = False,
     ) -> dict:
         """Train on ``train_ids`` (boxes from ``boxes_df``; an image without rows is a negative).
 
         ``patience`` > 0 stops after that many epochs without a better validation score (0: never).
+        ``warm_start`` starts from this detector's current weights (a fine-tuning phase after a first
+        ``fit``) instead of fresh ones.
 
         ``run_name`` (e.g. "detector gen 1 fold 2") names the run in training errors.
         Returns a summary dict (epochs run, best epoch, last metrics). Writes only under ``workdir``.

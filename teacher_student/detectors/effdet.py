@@ -62,7 +62,7 @@ class EffdetDetector(Detector):
 
     def fit(self, train_ids, val_ids, boxes_df, load, workdir, *, epochs, batch_size, lr, img_size=None,
             randaugment_n=0, randaugment_m=0, hflip=True, device="cpu", seed=0, log=None, run_name=None,
-            patience=0, transform=None) -> dict:
+            patience=0, warm_start=False, transform=None) -> dict:
         """As ``Detector.fit``; ``transform`` overrides the default ``detection_transform(size, n, m)``."""
         from ...augment.transforms import detection_transform
         from ...datasets.det_data import DetectionDataset
@@ -79,7 +79,12 @@ class EffdetDetector(Detector):
             return DetectionDataset(load, ids, boxes_df, t, self.mean, self.std, size=self.img_size, num_classes=self.num_classes)
 
         train_ds, val_ds = make(train_ids, transform), make(val_ids, None) if len(val_ids) else None
-        bench = self._create("train").to(dev)
+        bench = self._create("train")
+        if warm_start:
+            if self._weights is None:
+                raise RuntimeError("warm_start needs a first fit of this detector")
+            bench.model.load_state_dict(self._weights)
+        bench = bench.to(dev)
         trainer = EffdetTrainer(bench, train_ds, val_ds, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                                 device=dev, seed=int(seed), log=log or logger.info, name=run_name, patience=patience)
         trainer.train()

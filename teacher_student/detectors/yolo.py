@@ -175,7 +175,7 @@ class YoloDetector(Detector):
 
     def fit(self, train_ids, val_ids, boxes_df, load, workdir, *, epochs, batch_size, lr, img_size=None,
             randaugment_n=0, randaugment_m=0, hflip=True, device="cpu", seed=0, log=None, run_name=None,
-            patience=0) -> dict:
+            patience=0, warm_start=False) -> dict:
         """As ``Detector.fit``; ultralytics checks its own losses, so ``run_name`` is not used.
 
         One batch is one optimizer step (``nbs`` = the batch size). Why: ultralytics accumulates
@@ -194,7 +194,9 @@ class YoloDetector(Detector):
         dev = resolve_device("cuda:" + gpus.split(",")[0] if gpus else device, key="detector.devices")
         self._remember_input(load, str(train_ids[0]))
         data_yaml = self._export(train_ids, val_ids, boxes_df, load, workdir / "yolo_data")
-        model = YOLO(self.name)
+        if warm_start and self.weights_path is None:
+            raise RuntimeError("warm_start needs a first fit of this detector")
+        model = YOLO(str(self.weights_path) if warm_start else self.name)  # a checkpoint this run wrote
         self.history = []
         bar = _StepProgress(run_name or f"yolo {self.name}")
         if not gpus:  # ultralytics' DDP workers rebuild the trainer elsewhere: this process's hooks cannot go along

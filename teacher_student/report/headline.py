@@ -87,9 +87,11 @@ def verdict_sentence(*, cycle: int, folds: int, classes: dict[str, dict] | None,
     return text + "."
 
 
-def starving_groups(fold_infos: list[dict]) -> list[dict]:
-    """Starving classes grouped by what starves them, with the folds and the fallback's count:
-    ``[{"classes": [...], "reason": ..., "folds": [...], "fallback": n}, ...]``. A threshold of
+def starving_groups(fold_infos: list[dict], count_key: str = "kept_per_class") -> list[dict]:
+    """Starving classes grouped by what starves them, with the folds, the fallback's count and what
+    the selections kept of them anyway (``count_key``: the per-class counts of a fold's record;
+    fallback ``none`` keeps a weak-evidence class's labels, flagged): ``[{"classes": [...],
+    "reason": ..., "folds": [...], "fallback": n, "kept": n, "mode": ...}, ...]``. A threshold of
     'never' (None in the record) is named as such: nothing on OOF reached the target precision."""
     per_class: dict[str, dict] = {}
     for fold, info in enumerate(fold_infos):
@@ -97,16 +99,20 @@ def starving_groups(fold_infos: list[dict]) -> list[dict]:
         for name, why in (info.get("starving") or {}).items():
             if name in thresholds and thresholds[name] is None and "threshold" in why and "rests on" not in why:
                 why = "threshold 'never' (no OOF score reaches the target precision)"
-            row = per_class.setdefault(name, {"reasons": set(), "folds": [], "fallback": 0})
+            row = per_class.setdefault(name, {"reasons": set(), "folds": [], "fallback": 0, "kept": 0, "mode": None})
             row["reasons"].add(why)
             row["folds"].append(fold)
             row["fallback"] += int((info.get("fallback") or {}).get(name, 0))
+            row["kept"] += int((info.get(count_key) or {}).get(name, 0))
+            row["mode"] = info.get("fallback_mode", row["mode"])
     groups: dict[tuple, dict] = {}
     for name, row in per_class.items():
-        key = (tuple(sorted(row["reasons"])), tuple(row["folds"]), row["fallback"] > 0)
-        group = groups.setdefault(key, {"classes": [], "reason": "; ".join(key[0]), "folds": list(key[1]), "fallback": 0})
+        key = (tuple(sorted(row["reasons"])), tuple(row["folds"]), row["fallback"] > 0, row["kept"] > 0, row["mode"])
+        group = groups.setdefault(key, {"classes": [], "reason": "; ".join(key[0]), "folds": list(key[1]), "fallback": 0,
+                                        "kept": 0, "mode": row["mode"]})
         group["classes"].append(name)
         group["fallback"] += row["fallback"]
+        group["kept"] += row["kept"]
     return list(groups.values())
 
 
@@ -122,8 +128,12 @@ def flag_lines(what: str, groups: list[dict], folds: int) -> list[str]:
         where = "every fold" if len(g["folds"]) == folds else "fold" + ("s " if len(g["folds"]) > 1 else " ") + \
             ", ".join(map(str, g["folds"]))
         n = len(g["classes"])
-        fix = (f"the top-k fallback kept {g['fallback']} in their place" if g["fallback"]
-               else "the student learns nothing of " + ("it" if n == 1 else "them"))
+        if g["fallback"]:
+            fix = f"the top-k fallback kept {g['fallback']} in their place"
+        elif g.get("kept"):
+            fix = f"kept anyway on that evidence: {g['kept']}, flagged (fallback {g.get('mode') or 'none'})"
+        else:
+            fix = "the student learns nothing of " + ("it" if n == 1 else "them")
         lines.append(f"{what} {_names(g['classes'])}{f' ({n})' if n > 1 else ''} starve{'s' if n == 1 else ''} in "
                      f"{where}: {g['reason']}; {fix}.")
     return lines
@@ -152,7 +162,8 @@ def headline_section(d: CycleData, r: Report, class_rows: list[dict], box_rows: 
                           "fallback": 0} for name, n in (d.class_info.get("kept_per_class") or {}).items()}
     sentence = verdict_sentence(cycle=d.cycle, folds=folds, classes=classes, boxes=boxes, negatives=negatives,
                                 has_truth=d.truth is not None)
-    flags = flag_lines("Class", starving_groups(cls_infos), folds) + flag_lines("Box class", starving_groups(box_infos), folds)
+    flags = (flag_lines("Class", starving_groups(cls_infos), folds)
+             + flag_lines("Box class", starving_groups(box_infos, "per_class"), folds))
     checks = check_lines(class_rows, box_rows)
     html = [f'<div class="headline"><p class="sentence">{esc(sentence)}</p>']
     if status:

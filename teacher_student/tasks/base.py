@@ -154,18 +154,26 @@ class Task(abc.ABC):
         return 1.0 if gen == 0 else float(self.student_steps())
 
 
-def warn_starving(task: str, models: Sequence[str], info: dict) -> None:
-    """One log line per selection naming its starving classes: the student would otherwise learn
-    nothing of them, silently. Classes starving for the same reason share the line (a detector
-    with 14 classes and no OOF box would otherwise print 14 near-identical lines per fold)."""
+def warn_starving(task: str, models: Sequence[str], info: dict, *, kept: dict | None = None,
+                  fallback_mode: str = "top_k") -> None:
+    """One log line per selection naming its starving classes and what the fallback did with them
+    (``kept``: the selection's count per class): the student would otherwise learn nothing of them,
+    or learn from weak evidence, silently. Classes starving for the same reason share the line (a
+    detector with 14 classes and no OOF box would otherwise print 14 near-identical lines per fold)."""
     starving = info.get("starving", {})
     if not starving:
         return
-    fallback = info.get("fallback", {})
+    fallback, kept = info.get("fallback", {}), kept or {}
     by_reason: dict[str, list[str]] = {}
     for name, why in starving.items():
-        kept = fallback.get(name)
-        remedy = f"top_k fallback kept {kept}" if kept else "keeps nothing"
+        if fallback.get(name):
+            remedy = f"top_k fallback kept {fallback[name]}"
+        elif fallback_mode == "drop":
+            remedy = "none kept (fallback drop)"
+        elif kept.get(name):
+            remedy = f"{kept[name]} kept, flagged (fallback {fallback_mode})"
+        else:
+            remedy = "keeps nothing"
         by_reason.setdefault(f"{why}; {remedy}", []).append(repr(name))
     text = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
     log.warning("%s pseudo labels from %s: %d class(es) starve: %s", task, "+".join(models), len(starving), text)

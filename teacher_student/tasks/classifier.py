@@ -29,7 +29,7 @@ from ...loops.predict import predict_probs
 from ...loops.train import fit
 from ...loops.trainer import ProgressHook
 from .. import pseudo
-from ..config import ladder_value, matched_epochs
+from ..config import finetune_epochs, ladder_value, matched_epochs
 from ..evaluation import class_truth_precision, class_truth_precision_per_class
 from ..fusion import MODEL_SEPARATOR
 from ..layout import (CHECKPOINT, CLASS_PSEUDO, CLASS_PSEUDO_INFO, CLASS_SELECTION, CLASSIFIER, HISTORY, LABELED_FOLDS,
@@ -60,6 +60,12 @@ class TrainingSet:
         if self.labeled_share and self.pseudo_count:  # only then: other runs keep their fingerprints
             out["labeled_share"] = self.labeled_share
         return out
+
+    def labeled_part(self) -> "TrainingSet":
+        """The labeled rows alone (a fine-tuning phase's training set)."""
+        n = len(self.image_ids) - self.pseudo_count
+        return replace(self, image_ids=self.image_ids[:n], targets=self.targets[:n], weights=self.weights[:n],
+                       pseudo_count=0)
 
     def sampler_weights(self) -> np.ndarray | None:
         is_pseudo = np.arange(len(self.image_ids)) >= len(self.image_ids) - self.pseudo_count
@@ -139,9 +145,12 @@ class ClassifierTask(Task):
                          generation=gen)
             epochs = matched_epochs(train.epochs, len(train_ids) - len(extra_ids), len(ts.image_ids),
                                     self.steps_factor(gen, steps_factor))
+            finetune = self.cfg.classifier.finetune if gen >= 1 else 0.0
             plans.append(FoldPlan(fold, ts, tuple(ts.image_ids), tuple(val_ids), epochs,
                                   {"train": fingerprint(ts.fingerprint_payload()),
-                                   "sources": f"f{fold}" if teacher else None}, patience=patience))
+                                   "sources": f"f{fold}" if teacher else None,
+                                   **({"finetune": [finetune, self.cfg.classifier.finetune_lr]} if finetune else {})},
+                                  patience=patience))
         return plans
 
     def student_targets(self, labeled_ids: list[str], soft: pd.DataFrame | None, pseudo_rows: pd.DataFrame | None,
@@ -187,36 +196,46 @@ class ClassifierTask(Task):
                                   pretrained=cfg.classifier.pretrained)
         transform = student_transform(pp.size, n, m) if n > 0 else teacher_transform(pp.size)
         load = self.ctx.loader()
-        train_ds = ClassificationDataset(load, training.image_ids, training.targets, training.weights, transform,
-                                         pp.mean, pp.std, mask_of=aux_masks(self.ctx, self.table, training.image_ids))
         if cfg.classifier.aux_mask != "off":
             model = AuxMaskClassifier(model, aux_weight=cfg.classifier.aux_mask_weight)
         val_ds = ClassificationDataset(load, list(plan.val_ids), self.table.study_targets(plan.val_ids), None, None,
                                        pp.mean, pp.std)
         train = cfg.classifier.train
-        # early stopping selects an epoch: it implies keeping the best one
-        train_cfg = replace(train, epochs=plan.epochs, patience=plan.patience or train.patience,
-                            keep="best" if plan.patience else train.keep)
-        hooks = [ProgressHook()]
         logdir = self.tensorboard_dir(out_dir, plan.fold)
-        if logdir is not None:
-            from ...loops.tensorboard import TensorBoardHook
+        labeled = training.labeled_part()
+        mixed, tuned = finetune_epochs(plan.epochs, len(training.image_ids), len(labeled.image_ids),
+                                       cfg.classifier.finetune if gen >= 1 else 0.0)
+        phases = [(training, mixed, train.lr, "")] + ([(labeled, tuned, train.lr * cfg.classifier.finetune_lr,
+                                                        " fine-tune")] if tuned else [])
+        results = []
+        for part, epochs, lr, label in phases:
+            hooks = [ProgressHook()]
+            if logdir is not None:  # the fine-tuning phase's scalars beside the first phase's, in their own run
+                from ...loops.tensorboard import TensorBoardHook
 
-            hooks.append(TensorBoardHook(logdir))
-        result = fit(model, train_ds, val_ds, train_cfg, loss=self.loss_kind,
-                     metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed, log=log.info,
-                     name=self.run_name(out_dir, gen, plan.fold), hooks=hooks, sampler_weights=training.sampler_weights())
+                hooks.append(TensorBoardHook(logdir / "finetune" if label else logdir))
+            train_ds = ClassificationDataset(load, part.image_ids, part.targets, part.weights, transform, pp.mean,
+                                             pp.std, mask_of=aux_masks(self.ctx, self.table, part.image_ids))
+            # early stopping selects an epoch: it implies keeping the best one
+            train_cfg = replace(train, epochs=epochs, lr=lr, patience=plan.patience or train.patience,
+                                keep="best" if plan.patience else train.keep)
+            results.append(fit(model, train_ds, val_ds, train_cfg, loss=self.loss_kind,
+                               metric_fn=self.validation_metric(), device=self.ctx.device, seed=seed + len(results),
+                               log=log.info, name=self.run_name(out_dir, gen, plan.fold) + label, hooks=hooks,
+                               sampler_weights=part.sampler_weights()))
+        result = results[-1]
         meta = {
             "model_name": name, "num_classes": len(self.table.study_classes),
             "class_names": list(self.table.study_classes), "drop_rate": drop, "drop_path_rate": drop_path,
             "preprocess": config_to_dict(pp), "activation": "softmax" if self.loss_kind == "softmax" else "sigmoid",
             "label_mode": self.table.label_mode, "generation": gen, "fold": plan.fold, "randaugment": [n, m],
-            "epochs": plan.epochs, "config": config_to_dict(cfg),
+            "epochs": plan.epochs, "finetune_epochs": tuned, "config": config_to_dict(cfg),
         }
         save_checkpoint(out_dir / CHECKPOINT, plain_classifier(model), meta)
-        write_json(out_dir / HISTORY, {"history": result.history, "best_metric": result.best_metric,
-                                       "epochs_run": result.epochs_run})
-        return {"best_metric": result.best_metric, "epochs_run": result.epochs_run, "model": name,
+        epochs_run = sum(r.epochs_run for r in results)
+        write_json(out_dir / HISTORY, {"history": [dict(row, phase=p) for p, r in enumerate(results) for row in r.history],
+                                       "best_metric": result.best_metric, "epochs_run": epochs_run})
+        return {"best_metric": result.best_metric, "epochs_run": epochs_run, "model": name,
                 "train_images": len(set(training.image_ids)), "train_samples": len(training.image_ids)}
 
     def validation_metric(self) -> Callable[[np.ndarray, np.ndarray], float]:
@@ -314,10 +333,10 @@ class ClassifierTask(Task):
                 "threshold_oof_folds": oof_folds, "models": models,
                 "starving": {classes[c]: why for c, why in starving.items()},
                 "fallback": {classes[c]: int(((kept["class_index"] == c) & (kept["rule"] == "top_k")).sum())
-                             for c in starving} if fallback_k else {},
+                             for c in starving} if fallback_k else {}, "fallback_mode": pc.fallback,
                 "precision": class_truth_precision(selection, self.ctx.truth, mode),
                 "precision_per_class": class_truth_precision_per_class(selection, self.ctx.truth, classes, mode)}
-        warn_starving(CLASSIFIER, models, info)
+        warn_starving(CLASSIFIER, models, info, kept=info["kept_per_class"], fallback_mode=pc.fallback)
         write_json(out_dir / CLASS_PSEUDO_INFO, info)
         return info
 

@@ -24,7 +24,7 @@ from ...loops.checkpoint import preprocess_from_meta
 from ...loops.crossfit import FoldPlan
 from ...loops.det_metrics import mean_average_precision, true_positive_mask
 from .. import pseudo
-from ..config import detector_preprocess, ladder_value, matched_epochs
+from ..config import detector_preprocess, finetune_epochs, ladder_value, matched_epochs
 from ..detectors import create_detector, load_detector
 from ..evaluation import box_truth_precision, box_truth_precision_per_class
 from ..fusion import fuse_boxes
@@ -46,6 +46,8 @@ class BoxTrainingSet:
     boxes: pd.DataFrame
     generation: int
     val_boxes: pd.DataFrame | None = None
+    truth_ids: tuple[str, ...] = ()
+    """The training images whose boxes are ground truth (a fine-tuning phase trains on them alone)."""
 
 
 class DetectorTask(Task):
@@ -116,8 +118,10 @@ class DetectorTask(Task):
             payload = {"ids": ids, "boxes": fingerprint(boxes.round(6).to_dict("list"))}
             if patience or dc.kind == "effdet":  # validation then chooses the weights (YOLO scores only its last epoch)
                 payload["val_boxes"] = fingerprint(val_boxes.round(6).to_dict("list"))
-            plans.append(FoldPlan(fold, BoxTrainingSet(boxes, gen, val_boxes), tuple(ids), tuple(val_ids), epochs,
-                                  payload, patience=patience))
+            if gen >= 1 and dc.finetune:
+                payload["finetune"] = [dc.finetune, dc.finetune_lr]
+            plans.append(FoldPlan(fold, BoxTrainingSet(boxes, gen, val_boxes, tuple(train_ids)), tuple(ids),
+                                  tuple(val_ids), epochs, payload, patience=patience))
         return plans
 
     # ------------------------------------------------------------------ one fold
@@ -143,22 +147,33 @@ class DetectorTask(Task):
             if scalars is not None and isinstance(record, dict):
                 scalars.epoch(record, int(record.get("epoch", 0)))
 
+        truth = list(plan.train.truth_ids)
+        mixed, tuned = finetune_epochs(plan.epochs, len(plan.train_ids), len(truth), dc.finetune if gen >= 1 else 0.0)
+        phases = [(list(plan.train_ids), mixed, dc.lr, "work")] + ([(truth, tuned, dc.lr * dc.finetune_lr,
+                                                                      "work_finetune")] if tuned else [])
+        records, results = [], []
         try:
-            result = detector.fit(list(plan.train_ids), list(plan.val_ids), boxes, self.load, out_dir / "work",
-                                  epochs=plan.epochs, batch_size=dc.batch_size, lr=dc.lr, img_size=dc.img_size,
-                                  randaugment_n=ladder_value(dc.randaugment_n, gen),
-                                  randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
-                                  device=dc.devices or str(self.ctx.device),
-                                  seed=fold_seed(self.cfg.run.seed, gen, plan.fold),
-                                  log=on_epoch, run_name=run_name, patience=plan.patience)
+            for ids, epochs, lr, work in phases:
+                if results:
+                    log.info(f"{run_name}: fine-tune on the {len(ids)} ground-truth images, {epochs} epochs at lr {lr:.3g}")
+                results.append(detector.fit(ids, list(plan.val_ids), boxes, self.load, out_dir / work, epochs=epochs,
+                                            batch_size=dc.batch_size, lr=lr, img_size=dc.img_size,
+                                            randaugment_n=ladder_value(dc.randaugment_n, gen),
+                                            randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
+                                            device=dc.devices or str(self.ctx.device),
+                                            seed=fold_seed(self.cfg.run.seed, gen, plan.fold) + len(results),
+                                            log=on_epoch, run_name=run_name + (" fine-tune" if results else ""),
+                                            patience=plan.patience, warm_start=bool(results)))
+                kept = [r for r in detector.history if isinstance(r, dict) and not r.get("final")]
+                records += [dict(r, phase=len(results) - 1, epoch=len(records) + n) for n, r in enumerate(kept, 1)]
         finally:
             if scalars is not None:
                 scalars.close()
         detector.save(out_dir / DETECTOR_CHECKPOINT)
-        records = [r for r in detector.history if isinstance(r, dict) and not r.get("final")]
         write_json(out_dir / HISTORY, {"history": records, "curve": epoch_curve(records)})
-        return {"model": name, "epochs": plan.epochs, "train_images": len(set(plan.train_ids)),
-                "train_boxes": int(len(plan.train.boxes)), "fit": result if isinstance(result, dict) else None}
+        return {"model": name, "epochs": plan.epochs, "finetune_epochs": tuned, "train_images": len(set(plan.train_ids)),
+                "train_boxes": int(len(plan.train.boxes)),
+                "fit": results[-1] if isinstance(results[-1], dict) else None}
 
     # ------------------------------------------------------------------ prediction
     def predict(self, fold_dir: Path, fold: int, image_ids: Sequence[str]) -> pd.DataFrame:
@@ -257,14 +272,15 @@ class DetectorTask(Task):
                 "oof_boxes": {classes[c]: int((matched["class_id"] == c).sum()) for c in range(n)},
                 "threshold_oof_folds": oof_folds,
                 "models": models, "starving": {classes[c]: why for c, why in starving.items()},
-                "fallback": {classes[c]: int(per_class.get(c, 0)) for c in starving} if dc.fallback == "top_k" else {}}
+                "fallback": {classes[c]: int(per_class.get(c, 0)) for c in starving} if dc.fallback == "top_k" else {},
+                "fallback_mode": dc.fallback}
         if self.ctx.truth is not None:
             reread = read_table(out_dir / BOX_PSEUDO)  # as the student will read them (CSV round trip)
             info.update(box_truth_precision(reread, read_table(out_dir / BOX_IMAGES), self.ctx.truth,
                                             iou_thr=dc.metric_iou))
             info["precision_per_class"] = box_truth_precision_per_class(reread, self.ctx.truth, classes,
                                                                         iou_thr=dc.metric_iou)
-        warn_starving(DETECTOR, models, info)
+        warn_starving(DETECTOR, models, info, kept=info["per_class"], fallback_mode=dc.fallback)
         write_json(out_dir / BOX_PSEUDO_INFO, info)
         return info
 

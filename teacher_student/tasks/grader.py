@@ -334,8 +334,9 @@ class GraderTask(Task):
                 "starving": {names[g]: why for g, why in starving.items()},
                 "fallback": {names[g]: int(((kept["class_index"] == g) & (kept["rule"] == "top_k")).sum())
                              for g in starving} if starving and pc.fallback == "top_k" else {},
+                "fallback_mode": pc.fallback,
                 **truth_agreement(kept, self.ctx.truth, names)}
-        warn_starving(GRADER, models, info)
+        warn_starving(GRADER, models, info, kept=info["kept_per_grade"], fallback_mode=pc.fallback)
         write_json(out_dir / GRADE_PSEUDO_INFO, info)
         return info
 

@@ -29,7 +29,7 @@ from ...loops.seg_metrics import segmentation_metrics
 from ...loops.segment import fit_segmenter, predict_mask_views
 from ...loops.stages import file_digest
 from .. import mask_pseudo as mp
-from ..config import ladder_value, matched_epochs
+from ..config import finetune_epochs, ladder_value, matched_epochs
 from ..layout import (CHECKPOINT, HISTORY, MASK_PSEUDO, MASK_PSEUDO_INFO, MASK_PSEUDO_PROBS, OOF_MASKS, POOL_FOLD_MASKS,
                       POOL_MASKS, SEGMENTER, pseudo_fold_dir)
 from ..pseudo import labeled_share_weights
@@ -137,7 +137,9 @@ class SegmenterTask(Task):
                                                            "pseudo_mode": sc.pseudo_mode if pseudo else None,
                                                            "labeled_share": sc.labeled_share if pseudo else None,
                                                            **({"pixel_confidence": sc.pixel_confidence}
-                                                              if pseudo and sc.pixel_confidence else {})},
+                                                              if pseudo and sc.pixel_confidence else {}),
+                                                           **({"finetune": [sc.finetune, sc.finetune_lr]}
+                                                              if gen >= 1 and sc.finetune else {})},
                                   patience=patience))
         return plans
 
@@ -166,27 +168,39 @@ class SegmenterTask(Task):
             return masks(image_id).astype(np.float32)
 
         val_ids = list(plan.val_ids)
-        train_ds = SegmentationDataset(load, ts.image_ids, target_of, ts.weights,
-                                       segmentation_transform(pp.size, n, m, hflip=sc.hflip), pp.mean, pp.std)
+        transform = segmentation_transform(pp.size, n, m, hflip=sc.hflip)
         val_ds = SegmentationDataset(load, val_ids, lambda i: masks(val_ids[i]).astype(np.float32), None, None,
                                      pp.mean, pp.std)
-        train_cfg = replace(sc.train, epochs=plan.epochs, patience=plan.patience or sc.train.patience)
-        result = fit_segmenter(model, train_ds, val_ds if val_ids else None, train_cfg,
-                               device=self.ctx.device, log=log.info, seed=seed, dice_weight=sc.dice_weight,
-                               name=f"{SEGMENTER} gen {gen} fold {plan.fold}",
-                               sampler_weights=labeled_share_weights([i in ts.pseudo for i in ts.image_ids],
-                                                                     share=sc.labeled_share),
-                               cutmix=ladder_value(sc.cutmix, gen))
+        truth_rows = [n for n, i in enumerate(ts.image_ids) if i not in ts.pseudo]
+        finetune = sc.finetune if gen >= 1 else 0.0
+        mixed_epochs, truth_epochs = finetune_epochs(plan.epochs, len(ts.image_ids), len(truth_rows), finetune)
+        phases = [(list(range(len(ts.image_ids))), mixed_epochs, sc.train.lr, "")]
+        if truth_epochs:
+            phases.append((truth_rows, truth_epochs, sc.train.lr * sc.finetune_lr, " fine-tune"))
+        results = []
+        for rows, epochs, lr, label in phases:
+            ids = [ts.image_ids[r] for r in rows]
+            train_ds = SegmentationDataset(load, ids, lambda i, ids=ids: target_of(i, ids), ts.weights[rows],
+                                           transform, pp.mean, pp.std)
+            train_cfg = replace(sc.train, epochs=epochs, lr=lr, patience=plan.patience or sc.train.patience)
+            results.append(fit_segmenter(model, train_ds, val_ds if val_ids else None, train_cfg,
+                                         device=self.ctx.device, log=log.info, seed=seed + len(results),
+                                         dice_weight=sc.dice_weight, name=f"{SEGMENTER} gen {gen} fold {plan.fold}{label}",
+                                         sampler_weights=labeled_share_weights([i in ts.pseudo for i in ids],
+                                                                               share=sc.labeled_share),
+                                         cutmix=ladder_value(sc.cutmix, gen)))
+        result = results[-1]
+        history = [dict(row, phase=p) for p, r in enumerate(results) for row in r.history]
         meta = {"model_name": name, "num_classes": 1, "class_names": list(SEG_CLASS_NAMES), "drop_rate": drop,
                 "drop_path_rate": drop_path, "decoder_channels": list(sc.decoder_channels),
                 "preprocess": config_to_dict(pp), "activation": "sigmoid",
                 "generation": gen, "fold": plan.fold, "randaugment": [n, m], "epochs": plan.epochs,
-                "cutmix": ladder_value(sc.cutmix, gen),
+                "cutmix": ladder_value(sc.cutmix, gen), "finetune_epochs": truth_epochs,
                 "config": config_to_dict(cfg)}
         save_checkpoint(out_dir / CHECKPOINT, model, meta)
-        write_json(out_dir / HISTORY, {"history": result.history, "best_metric": result.best_metric,
-                                       "epochs_run": result.epochs_run})
-        return {"best_metric": result.best_metric, "epochs_run": result.epochs_run, "model": name,
+        epochs_run = sum(r.epochs_run for r in results)
+        write_json(out_dir / HISTORY, {"history": history, "best_metric": result.best_metric, "epochs_run": epochs_run})
+        return {"best_metric": result.best_metric, "epochs_run": epochs_run, "model": name,
                 "train_images": len(set(ts.image_ids)), "pseudo_masks": len(ts.pseudo)}
 
     # ------------------------------------------------------------------ prediction
