@@ -50,6 +50,19 @@ def test_a_fine_tuning_phase_keeps_the_students_optimizer_steps():
     assert finetune_epochs(1, 40, 10, 0.9) == (1, 4)  # never an empty phase
 
 
+def test_the_fine_tuning_phase_of_a_classifier_student_reads_its_labeled_rows_only():
+    import numpy as np
+
+    from cxr_noisy_student.teacher_student.tasks.classifier import TrainingSet
+
+    mixed = TrainingSet(["a", "b", "p", "p"], np.eye(4, 2, dtype=np.float32), np.array([1, 1, 0.5, 0.5], np.float32),
+                        generation=1, pseudo_count=2, labeled_share=0.5)
+    labeled = mixed.labeled_part()
+    assert labeled.image_ids == ["a", "b"] and labeled.pseudo_count == 0 and labeled.generation == 1
+    assert labeled.targets.tolist() == [[1, 0], [0, 1]] and labeled.weights.tolist() == [1, 1]
+    assert labeled.sampler_weights() is None and mixed.sampler_weights() is not None
+
+
 def test_every_key_is_documented_and_the_readme_reference_is_current():
     from cxr_noisy_student.teacher_student.config_reference import REFERENCE_END, REFERENCE_START, config_reference_markdown
 

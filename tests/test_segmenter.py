@@ -159,7 +159,7 @@ def test_a_student_knob_does_not_retrain_the_teacher_or_the_references(run):
     assert status["gen1/segmenter/fold0"] == status["gen1/segmenter/fold1"] == "stale"
 
 
-def test_fine_tuning_retrains_students_and_references_and_ends_on_ground_truth_alone(run, tmp_path):
+def test_fine_tuning_retrains_students_and_references_in_two_phases(run, tmp_path):
     knob = ("--set", "segmenter.finetune=0.5")
     result = run_cli("plan", "--config", str(run.parent / "seg.yaml"), "--out", str(run), "--format", "json", *knob)
     assert result.returncode == 0, result.stderr[-2000:]
