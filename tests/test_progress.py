@@ -166,8 +166,8 @@ def test_starving_classes_share_one_warning_line(caplog):
     warn_starving("classifier", ["f1"], {"starving": {"No finding": "no pool image reaches its threshold"},
                                          "fallback": {"No finding": 4}})
     weak = {"starving": {"Nodule": "threshold rests on 3 OOF box(es) (< 10)"}, "fallback": {}}
-    warn_starving("detector", ["f0/orig"], weak, kept={"Nodule": 52}, fallback_mode="none")
-    warn_starving("detector", ["f0/orig"], weak, kept={}, fallback_mode="drop")
+    warn_starving("detector", ["f0/orig"], {**weak, "fallback_mode": "none"}, kept={"Nodule": 52})
+    warn_starving("detector", ["f0/orig"], {**weak, "fallback_mode": "drop"}, kept={})
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 4
     assert lines[0].startswith("detector pseudo labels from f0/orig+f0/hflip: 14 class(es) starve: 'c0', 'c1'")

@@ -20,6 +20,7 @@ import torch
 from ...datasets.errors import DataError
 from ...datasets.table import ItemTable
 from ...loops.crossfit import FoldPlan
+from ..config import finetune_epochs
 from ..context import RunContext
 from ..fusion import MODEL_SEPARATOR
 from ..layout import fold_of_model
@@ -146,6 +147,29 @@ class Task(abc.ABC):
             return None
         return self.ctx.layout.tensorboard_of(Path(out_dir).parent / f"fold{fold}")
 
+    def finetune_section(self):
+        """The config section holding this task's ``finetune`` and ``finetune_lr``; None: the task
+        has no fine-tuning phase."""
+        return None
+
+    def finetune_payload(self, gen: int) -> dict:
+        """The fold plan's fingerprint entry of the fine-tuning phase (empty when there is none, so
+        runs without it keep their fingerprints)."""
+        section = self.finetune_section()
+        if gen < 1 or section is None or not section.finetune:
+            return {}
+        return {"finetune": [section.finetune, section.finetune_lr]}
+
+    def training_phases(self, gen: int, epochs: int, images: int, labeled_images: int,
+                        lr: float) -> list[tuple[int, float, bool]]:
+        """``(epochs, peak lr, labeled only)`` per phase of a fold model: one phase for teachers and
+        tasks without fine-tuning; a student's (and the references') ``finetune`` share of the steps
+        goes last to its labeled rows, at ``finetune_lr`` x ``lr`` (``config.finetune_epochs``)."""
+        section = self.finetune_section()
+        share = section.finetune if section is not None and gen >= 1 else 0.0
+        mixed, tuned = finetune_epochs(epochs, images, labeled_images, share)
+        return [(mixed, lr, False)] + ([(tuned, lr * section.finetune_lr, True)] if tuned else [])
+
     def steps_factor(self, gen: int, given: float | None = None) -> float:
         """Steps of a fold model as a multiple of the teacher's: ``given`` (the oracle's budget), else
         1 for the teacher and the task's student_steps for students and the ablation."""
@@ -154,24 +178,24 @@ class Task(abc.ABC):
         return 1.0 if gen == 0 else float(self.student_steps())
 
 
-def warn_starving(task: str, models: Sequence[str], info: dict, *, kept: dict | None = None,
-                  fallback_mode: str = "top_k") -> None:
-    """One log line per selection naming its starving classes and what the fallback did with them
-    (``kept``: the selection's count per class): the student would otherwise learn nothing of them,
-    or learn from weak evidence, silently. Classes starving for the same reason share the line (a
-    detector with 14 classes and no OOF box would otherwise print 14 near-identical lines per fold)."""
+def warn_starving(task: str, models: Sequence[str], info: dict, *, kept: dict | None = None) -> None:
+    """One log line per selection naming its starving classes and what its fallback (the record's
+    ``fallback_mode``) did with them (``kept``: the selection's count per class): the student would
+    otherwise learn nothing of them, or learn from weak evidence, silently. Classes starving for the
+    same reason share the line (a detector with 14 classes and no OOF box would otherwise print 14
+    near-identical lines per fold)."""
     starving = info.get("starving", {})
     if not starving:
         return
-    fallback, kept = info.get("fallback", {}), kept or {}
+    fallback, kept, mode = info.get("fallback", {}), kept or {}, info.get("fallback_mode", "top_k")
     by_reason: dict[str, list[str]] = {}
     for name, why in starving.items():
         if fallback.get(name):
             remedy = f"top_k fallback kept {fallback[name]}"
-        elif fallback_mode == "drop":
+        elif mode == "drop":
             remedy = "none kept (fallback drop)"
         elif kept.get(name):
-            remedy = f"{kept[name]} kept, flagged (fallback {fallback_mode})"
+            remedy = f"{kept[name]} kept, flagged (fallback {mode})"
         else:
             remedy = "keeps nothing"
         by_reason.setdefault(f"{why}; {remedy}", []).append(repr(name))

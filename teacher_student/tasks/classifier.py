@@ -29,7 +29,7 @@ from ...loops.predict import predict_probs
 from ...loops.train import fit
 from ...loops.trainer import ProgressHook
 from .. import pseudo
-from ..config import finetune_epochs, ladder_value, matched_epochs
+from ..config import ladder_value, matched_epochs
 from ..evaluation import class_truth_precision, class_truth_precision_per_class
 from ..fusion import MODEL_SEPARATOR
 from ..layout import (CHECKPOINT, CLASS_PSEUDO, CLASS_PSEUDO_INFO, CLASS_SELECTION, CLASSIFIER, HISTORY, LABELED_FOLDS,
@@ -107,6 +107,9 @@ class ClassifierTask(Task):
     def student_steps(self) -> float:
         return self.cfg.classifier.student_steps
 
+    def finetune_section(self):
+        return self.cfg.classifier
+
     # ------------------------------------------------------------------ plans
     def payload(self, gen: int) -> dict:
         """What makes generation ``gen``'s models: its own rung of every ladder, not the ladders, so
@@ -145,11 +148,9 @@ class ClassifierTask(Task):
                          generation=gen)
             epochs = matched_epochs(train.epochs, len(train_ids) - len(extra_ids), len(ts.image_ids),
                                     self.steps_factor(gen, steps_factor))
-            finetune = self.cfg.classifier.finetune if gen >= 1 else 0.0
             plans.append(FoldPlan(fold, ts, tuple(ts.image_ids), tuple(val_ids), epochs,
                                   {"train": fingerprint(ts.fingerprint_payload()),
-                                   "sources": f"f{fold}" if teacher else None,
-                                   **({"finetune": [finetune, self.cfg.classifier.finetune_lr]} if finetune else {})},
+                                   "sources": f"f{fold}" if teacher else None, **self.finetune_payload(gen)},
                                   patience=patience))
         return plans
 
@@ -203,17 +204,15 @@ class ClassifierTask(Task):
         train = cfg.classifier.train
         logdir = self.tensorboard_dir(out_dir, plan.fold)
         labeled = training.labeled_part()
-        mixed, tuned = finetune_epochs(plan.epochs, len(training.image_ids), len(labeled.image_ids),
-                                       cfg.classifier.finetune if gen >= 1 else 0.0)
-        phases = [(training, mixed, train.lr, "")] + ([(labeled, tuned, train.lr * cfg.classifier.finetune_lr,
-                                                        " fine-tune")] if tuned else [])
+        phases = self.training_phases(gen, plan.epochs, len(training.image_ids), len(labeled.image_ids), train.lr)
         results = []
-        for part, epochs, lr, label in phases:
+        for epochs, lr, labeled_only in phases:
+            part, label = (labeled, " fine-tune") if labeled_only else (training, "")
             hooks = [ProgressHook()]
             if logdir is not None:  # the fine-tuning phase's scalars beside the first phase's, in their own run
                 from ...loops.tensorboard import TensorBoardHook
 
-                hooks.append(TensorBoardHook(logdir / "finetune" if label else logdir))
+                hooks.append(TensorBoardHook(logdir / "finetune" if labeled_only else logdir))
             train_ds = ClassificationDataset(load, part.image_ids, part.targets, part.weights, transform, pp.mean,
                                              pp.std, mask_of=aux_masks(self.ctx, self.table, part.image_ids))
             # early stopping selects an epoch: it implies keeping the best one
@@ -229,7 +228,8 @@ class ClassifierTask(Task):
             "class_names": list(self.table.study_classes), "drop_rate": drop, "drop_path_rate": drop_path,
             "preprocess": config_to_dict(pp), "activation": "softmax" if self.loss_kind == "softmax" else "sigmoid",
             "label_mode": self.table.label_mode, "generation": gen, "fold": plan.fold, "randaugment": [n, m],
-            "epochs": plan.epochs, "finetune_epochs": tuned, "config": config_to_dict(cfg),
+            "epochs": plan.epochs, "finetune_epochs": sum(e for e, _, only in phases if only),
+            "config": config_to_dict(cfg),
         }
         save_checkpoint(out_dir / CHECKPOINT, plain_classifier(model), meta)
         epochs_run = sum(r.epochs_run for r in results)
@@ -336,7 +336,7 @@ class ClassifierTask(Task):
                              for c in starving} if fallback_k else {}, "fallback_mode": pc.fallback,
                 "precision": class_truth_precision(selection, self.ctx.truth, mode),
                 "precision_per_class": class_truth_precision_per_class(selection, self.ctx.truth, classes, mode)}
-        warn_starving(CLASSIFIER, models, info, kept=info["kept_per_class"], fallback_mode=pc.fallback)
+        warn_starving(CLASSIFIER, models, info, kept=info["kept_per_class"])
         write_json(out_dir / CLASS_PSEUDO_INFO, info)
         return info
 

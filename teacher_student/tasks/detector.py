@@ -24,7 +24,7 @@ from ...loops.checkpoint import preprocess_from_meta
 from ...loops.crossfit import FoldPlan
 from ...loops.det_metrics import mean_average_precision, true_positive_mask
 from .. import pseudo
-from ..config import detector_preprocess, finetune_epochs, ladder_value, matched_epochs
+from ..config import detector_preprocess, ladder_value, matched_epochs
 from ..detectors import create_detector, load_detector
 from ..evaluation import box_truth_precision, box_truth_precision_per_class
 from ..fusion import fuse_boxes
@@ -77,6 +77,9 @@ class DetectorTask(Task):
     def student_steps(self) -> float:
         return self.cfg.detector.student_steps
 
+    def finetune_section(self):
+        return self.cfg.detector
+
     @property
     def flip_tta(self) -> bool:
         return self.cfg.augment.tta_hflip and self.cfg.detector.hflip
@@ -118,8 +121,7 @@ class DetectorTask(Task):
             payload = {"ids": ids, "boxes": fingerprint(boxes.round(6).to_dict("list"))}
             if patience or dc.kind == "effdet":  # validation then chooses the weights (YOLO scores only its last epoch)
                 payload["val_boxes"] = fingerprint(val_boxes.round(6).to_dict("list"))
-            if gen >= 1 and dc.finetune:
-                payload["finetune"] = [dc.finetune, dc.finetune_lr]
+            payload.update(self.finetune_payload(gen))
             plans.append(FoldPlan(fold, BoxTrainingSet(boxes, gen, val_boxes, tuple(train_ids)), tuple(ids),
                                   tuple(val_ids), epochs, payload, patience=patience))
         return plans
@@ -148,13 +150,12 @@ class DetectorTask(Task):
                 scalars.epoch(record, int(record.get("epoch", 0)))
 
         truth = list(plan.train.truth_ids)
-        mixed, tuned = finetune_epochs(plan.epochs, len(plan.train_ids), len(truth), dc.finetune if gen >= 1 else 0.0)
-        phases = [(list(plan.train_ids), mixed, dc.lr, "work")] + ([(truth, tuned, dc.lr * dc.finetune_lr,
-                                                                      "work_finetune")] if tuned else [])
+        phases = self.training_phases(gen, plan.epochs, len(plan.train_ids), len(truth), dc.lr)
         records, results = [], []
         try:
-            for ids, epochs, lr, work in phases:
-                if results:
+            for epochs, lr, labeled_only in phases:
+                ids, work = (truth, "work_finetune") if labeled_only else (list(plan.train_ids), "work")
+                if labeled_only:
                     log.info(f"{run_name}: fine-tune on the {len(ids)} ground-truth images, {epochs} epochs at lr {lr:.3g}")
                 results.append(detector.fit(ids, list(plan.val_ids), boxes, self.load, out_dir / work, epochs=epochs,
                                             batch_size=dc.batch_size, lr=lr, img_size=dc.img_size,
@@ -162,8 +163,8 @@ class DetectorTask(Task):
                                             randaugment_m=ladder_value(dc.randaugment_m, gen), hflip=dc.hflip,
                                             device=dc.devices or str(self.ctx.device),
                                             seed=fold_seed(self.cfg.run.seed, gen, plan.fold) + len(results),
-                                            log=on_epoch, run_name=run_name + (" fine-tune" if results else ""),
-                                            patience=plan.patience, warm_start=bool(results)))
+                                            log=on_epoch, run_name=run_name + (" fine-tune" if labeled_only else ""),
+                                            patience=plan.patience, warm_start=labeled_only))
                 kept = [r for r in detector.history if isinstance(r, dict) and not r.get("final")]
                 records += [dict(r, phase=len(results) - 1, epoch=len(records) + n) for n, r in enumerate(kept, 1)]
         finally:
@@ -171,7 +172,8 @@ class DetectorTask(Task):
                 scalars.close()
         detector.save(out_dir / DETECTOR_CHECKPOINT)
         write_json(out_dir / HISTORY, {"history": records, "curve": epoch_curve(records)})
-        return {"model": name, "epochs": plan.epochs, "finetune_epochs": tuned, "train_images": len(set(plan.train_ids)),
+        return {"model": name, "epochs": plan.epochs, "finetune_epochs": sum(e for e, _, only in phases if only),
+                "train_images": len(set(plan.train_ids)),
                 "train_boxes": int(len(plan.train.boxes)),
                 "fit": results[-1] if isinstance(results[-1], dict) else None}
 
@@ -280,7 +282,7 @@ class DetectorTask(Task):
                                             iou_thr=dc.metric_iou))
             info["precision_per_class"] = box_truth_precision_per_class(reread, self.ctx.truth, classes,
                                                                         iou_thr=dc.metric_iou)
-        warn_starving(DETECTOR, models, info, kept=info["per_class"], fallback_mode=dc.fallback)
+        warn_starving(DETECTOR, models, info, kept=info["per_class"])
         write_json(out_dir / BOX_PSEUDO_INFO, info)
         return info
 

@@ -336,7 +336,7 @@ class GraderTask(Task):
                              for g in starving} if starving and pc.fallback == "top_k" else {},
                 "fallback_mode": pc.fallback,
                 **truth_agreement(kept, self.ctx.truth, names)}
-        warn_starving(GRADER, models, info, kept=info["kept_per_grade"], fallback_mode=pc.fallback)
+        warn_starving(GRADER, models, info, kept=info["kept_per_grade"])
         write_json(out_dir / GRADE_PSEUDO_INFO, info)
         return info
 

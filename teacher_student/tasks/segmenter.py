@@ -29,7 +29,7 @@ from ...loops.seg_metrics import segmentation_metrics
 from ...loops.segment import fit_segmenter, predict_mask_views
 from ...loops.stages import file_digest
 from .. import mask_pseudo as mp
-from ..config import finetune_epochs, ladder_value, matched_epochs
+from ..config import ladder_value, matched_epochs
 from ..layout import (CHECKPOINT, HISTORY, MASK_PSEUDO, MASK_PSEUDO_INFO, MASK_PSEUDO_PROBS, OOF_MASKS, POOL_FOLD_MASKS,
                       POOL_MASKS, SEGMENTER, pseudo_fold_dir)
 from ..pseudo import labeled_share_weights
@@ -83,6 +83,9 @@ class SegmenterTask(Task):
 
     def student_steps(self) -> float:
         return self.cfg.segmenter.student_steps
+
+    def finetune_section(self):
+        return self.cfg.segmenter
 
     @property
     def views(self) -> list[str]:
@@ -138,8 +141,7 @@ class SegmenterTask(Task):
                                                            "labeled_share": sc.labeled_share if pseudo else None,
                                                            **({"pixel_confidence": sc.pixel_confidence}
                                                               if pseudo and sc.pixel_confidence else {}),
-                                                           **({"finetune": [sc.finetune, sc.finetune_lr]}
-                                                              if gen >= 1 and sc.finetune else {})},
+                                                           **self.finetune_payload(gen)},
                                   patience=patience))
         return plans
 
@@ -172,13 +174,10 @@ class SegmenterTask(Task):
         val_ds = SegmentationDataset(load, val_ids, lambda i: masks(val_ids[i]).astype(np.float32), None, None,
                                      pp.mean, pp.std)
         truth_rows = [n for n, i in enumerate(ts.image_ids) if i not in ts.pseudo]
-        finetune = sc.finetune if gen >= 1 else 0.0
-        mixed_epochs, truth_epochs = finetune_epochs(plan.epochs, len(ts.image_ids), len(truth_rows), finetune)
-        phases = [(list(range(len(ts.image_ids))), mixed_epochs, sc.train.lr, "")]
-        if truth_epochs:
-            phases.append((truth_rows, truth_epochs, sc.train.lr * sc.finetune_lr, " fine-tune"))
+        phases = self.training_phases(gen, plan.epochs, len(ts.image_ids), len(truth_rows), sc.train.lr)
         results = []
-        for rows, epochs, lr, label in phases:
+        for epochs, lr, labeled_only in phases:
+            rows, label = (truth_rows, " fine-tune") if labeled_only else (list(range(len(ts.image_ids))), "")
             ids = [ts.image_ids[r] for r in rows]
             train_ds = SegmentationDataset(load, ids, lambda i, ids=ids: target_of(i, ids), ts.weights[rows],
                                            transform, pp.mean, pp.std)
@@ -195,7 +194,7 @@ class SegmenterTask(Task):
                 "drop_path_rate": drop_path, "decoder_channels": list(sc.decoder_channels),
                 "preprocess": config_to_dict(pp), "activation": "sigmoid",
                 "generation": gen, "fold": plan.fold, "randaugment": [n, m], "epochs": plan.epochs,
-                "cutmix": ladder_value(sc.cutmix, gen), "finetune_epochs": truth_epochs,
+                "cutmix": ladder_value(sc.cutmix, gen), "finetune_epochs": sum(e for e, _, only in phases if only),
                 "config": config_to_dict(cfg)}
         save_checkpoint(out_dir / CHECKPOINT, model, meta)
         epochs_run = sum(r.epochs_run for r in results)
